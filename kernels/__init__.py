@@ -1,0 +1,5 @@
+"""Triton kernels for DETR's hot paths, installed as ``fastdetr.kernels``.
+
+Importing this package fails with ImportError where Triton is missing; fastdetr then uses its reference path.
+"""
+import triton  # noqa: F401

@@ -1,0 +1,28 @@
+"""fastdetr: DETR with Triton kernels for its transformer hot paths."""
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="fastdetr",
+    version="0.1.0",
+    description="DETR (DEtection TRansformer) with fused Triton kernels; a drop-in for the official model",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    # kernels/ lives at the top of the repository but is installed only as fastdetr.kernels: a top-level module
+    # named `kernels` would clash with the PyPI package of that name.
+    packages=["fastdetr", "fastdetr.kernels"],
+    package_dir={"fastdetr": "fastdetr", "fastdetr.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.3",
+        "torchvision>=0.18",
+        "triton>=3.0; platform_system == 'Linux'",
+        "pycocotools>=2.0",
+        "scipy>=1.7",
+        "numpy>=1.21",
+    ],
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+    entry_points={"console_scripts": ["fastdetr-train=fastdetr.train:main"]},
+)
