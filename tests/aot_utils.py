@@ -44,6 +44,37 @@ def compile_for(fn, cc: int, signature: Dict[str, str], constexprs: Optional[Dic
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def compile_like_launch(fn, cc: int, args: Dict[str, object], num_warps: int = 4, num_stages: int = 3):
+    """Compile `fn` for sm_`cc` specialised as a launch with these arguments would be.
+
+    args: arg name -> a pointer type string ("*bf16": a 16-byte aligned tensor), an example int or float,
+    None, or the value of a constexpr parameter. Like the launcher, ints equal to 1 become constexprs and ints
+    divisible by 16 are marked so, except for parameters in the kernel's `do_not_specialize`.
+    """
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(fn.params):
+        name, value = param.name, args[param.name]
+        if param.is_constexpr or value is None:
+            constexprs[name] = value
+        elif isinstance(value, str):
+            signature[name] = value
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1 and not param.do_not_specialize:
+                constexprs[name] = 1
+                continue
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0 and not (param.do_not_specialize or param.do_not_specialize_on_alignment):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot specialise {name}={value!r}")
+    return compile_for(fn, cc, signature, constexprs, num_warps=num_warps, num_stages=num_stages, attrs=attrs)
+
+
 def shared_bytes(kernel) -> int:
     """Static + dynamic shared memory the compiled kernel needs per block."""
     return kernel.metadata.shared
