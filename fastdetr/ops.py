@@ -182,9 +182,14 @@ def ffn(x: Tensor, linear1_weight: Tensor, linear1_bias: Optional[Tensor], linea
                          eps, dropout_p, normalize_before, activation)
 
 
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+def check_activation(name: str) -> str:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation should be one of {tuple(_ACTIVATIONS)}, not {name!r}")
+    return name
+
+
 def _activation(name: str):
-    if name == "relu":
-        return F.relu
-    if name == "gelu":
-        return F.gelu
-    raise ValueError(f"activation should be 'relu' or 'gelu', not {name!r}")
+    return _ACTIVATIONS[check_activation(name)]

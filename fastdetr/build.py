@@ -1,0 +1,112 @@
+"""The official command-line arguments and `build_model`, which builds exactly the official structure."""
+import argparse
+
+import torch
+
+from .backbone import NORMS, RESNETS, build_backbone
+from .criterion import SetCriterion
+from .detr import DETR
+from .matcher import build_matcher
+from .postprocess import PostProcess
+from .transformer import build_transformer
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """Every argument of the official main.py with its default, plus fastdetr's backbone options."""
+    parser = argparse.ArgumentParser("DETR", add_help=add_help,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--lr", default=1e-4, type=float)
+    parser.add_argument("--lr_backbone", default=1e-5, type=float)
+    parser.add_argument("--batch_size", default=2, type=int)
+    parser.add_argument("--weight_decay", default=1e-4, type=float)
+    parser.add_argument("--epochs", default=300, type=int)
+    parser.add_argument("--lr_drop", default=200, type=int)
+    parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--frozen_weights", type=str, default=None,
+                       help="path to a pretrained model; only the mask head would be trained (not supported)")
+    model.add_argument("--backbone", default="resnet50", type=str, choices=RESNETS)
+    model.add_argument("--dilation", action="store_true",
+                       help="replace the stride of the last block by a dilation (DC5)")
+    model.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"))
+    model.add_argument("--enc_layers", default=6, type=int)
+    model.add_argument("--dec_layers", default=6, type=int)
+    model.add_argument("--dim_feedforward", default=2048, type=int)
+    model.add_argument("--hidden_dim", default=256, type=int)
+    model.add_argument("--dropout", default=0.1, type=float)
+    model.add_argument("--nheads", default=8, type=int)
+    model.add_argument("--num_queries", default=100, type=int)
+    model.add_argument("--pre_norm", action="store_true")
+    model.add_argument("--masks", action="store_true", help="segmentation head (not supported by fastdetr)")
+    model.add_argument("--backbone_norm", default="frozen", choices=NORMS,
+                       help="'frozen' is the official FrozenBatchNorm2d; 'batch' trains BatchNorm (from scratch)")
+    model.add_argument("--train_backbone_stem", action="store_true",
+                       help="also train conv1 and layer1 of the backbone (officially frozen; needed from scratch)")
+    model.add_argument("--pretrained_backbone", action="store_true",
+                       help="start the backbone from torchvision's ImageNet weights (as the official code does)")
+    model.add_argument("--num_classes", default=None, type=int,
+                       help="largest class id + 1 (default: 91 for coco, 20 otherwise)")
+
+    loss = parser.add_argument_group("loss")
+    loss.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
+    loss.add_argument("--set_cost_class", default=1, type=float)
+    loss.add_argument("--set_cost_bbox", default=5, type=float)
+    loss.add_argument("--set_cost_giou", default=2, type=float)
+    loss.add_argument("--mask_loss_coef", default=1, type=float)
+    loss.add_argument("--dice_loss_coef", default=1, type=float)
+    loss.add_argument("--bbox_loss_coef", default=5, type=float)
+    loss.add_argument("--giou_loss_coef", default=2, type=float)
+    loss.add_argument("--eos_coef", default=0.1, type=float, help="weight of the no-object class")
+
+    data = parser.add_argument_group("data and run")
+    data.add_argument("--dataset_file", default="coco")
+    data.add_argument("--coco_path", type=str)
+    data.add_argument("--coco_panoptic_path", type=str)
+    data.add_argument("--remove_difficult", action="store_true")
+    data.add_argument("--output_dir", default="", help="where to save; empty for no saving")
+    data.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    data.add_argument("--seed", default=42, type=int)
+    data.add_argument("--resume", default="", help="resume from checkpoint")
+    data.add_argument("--start_epoch", default=0, type=int, metavar="N")
+    data.add_argument("--eval", action="store_true")
+    data.add_argument("--num_workers", default=2, type=int)
+    data.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
+    data.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    return parser
+
+
+def default_args(**overrides) -> argparse.Namespace:
+    """The official arguments with their defaults (device: cuda when available, else cpu), then `overrides`."""
+    args = get_args_parser().parse_args([])
+    for key, value in overrides.items():
+        if not hasattr(args, key):
+            raise TypeError(f"default_args got an unknown argument {key!r}")
+        setattr(args, key, value)
+    return args
+
+
+def num_classes_for(args) -> int:
+    """The official rule (91 for COCO, 250 for COCO panoptic, else 20) unless args.num_classes is set."""
+    if getattr(args, "num_classes", None) is not None:
+        return args.num_classes
+    if args.dataset_file == "coco_panoptic":
+        return 250
+    return 91 if args.dataset_file == "coco" else 20
+
+
+def build_model(args):
+    """Returns (model, criterion, postprocessors) like the official build; the criterion is moved to args.device."""
+    if args.masks or args.frozen_weights is not None:
+        raise ValueError("the segmentation head (--masks / --frozen_weights) is not supported by fastdetr")
+    device = torch.device(args.device)
+    num_classes = num_classes_for(args)
+    model = DETR(build_backbone(args), build_transformer(args), num_classes=num_classes,
+                 num_queries=args.num_queries, aux_loss=args.aux_loss)
+    weight_dict = {"loss_ce": 1, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    if args.aux_loss:
+        weight_dict.update({f"{k}_{i}": v for i in range(args.dec_layers - 1) for k, v in list(weight_dict.items())})
+    criterion = SetCriterion(num_classes, matcher=build_matcher(args), weight_dict=weight_dict,
+                             eos_coef=args.eos_coef, losses=["labels", "boxes", "cardinality"])
+    criterion.to(device)
+    return model, criterion, {"bbox": PostProcess()}

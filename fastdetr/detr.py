@@ -1,0 +1,66 @@
+"""The DETR detector: backbone + transformer + class and box heads, with auxiliary decoder outputs."""
+from typing import List, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .misc import NestedTensor, nested_tensor_from_tensor_list
+
+
+class DETR(nn.Module):
+    """DETR(backbone, transformer, num_classes, num_queries, aux_loss=False).
+
+    `num_classes` is the largest class id + 1; the classifier has one more output for "no object".
+    """
+
+    def __init__(self, backbone, transformer, num_classes, num_queries, aux_loss=False):
+        super().__init__()
+        self.num_queries = num_queries
+        self.transformer = transformer
+        hidden_dim = transformer.d_model
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
+        self.backbone = backbone
+        self.aux_loss = aux_loss
+
+    def forward(self, samples: Union[NestedTensor, List[Tensor], Tensor]):
+        """samples: a NestedTensor, a list of [3, H, W] images or a [B, 3, H, W] batch.
+
+        Returns a dict with pred_logits [B, Nq, num_classes + 1], pred_boxes [B, Nq, 4] (normalised cx, cy, w, h)
+        and, with aux_loss, aux_outputs: the same two for every decoder layer but the last.
+        """
+        if isinstance(samples, (list, tuple)) or isinstance(samples, Tensor):
+            if isinstance(samples, Tensor) and samples.ndim != 4:
+                raise ValueError(f"a batched image tensor must be [B, 3, H, W], got {tuple(samples.shape)}")
+            samples = nested_tensor_from_tensor_list(samples)
+        features, pos = self.backbone(samples)
+        src, mask = features[-1].decompose()
+        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]
+        outputs_class = self.class_embed(hs)
+        outputs_coord = self.bbox_embed(hs).sigmoid()
+        out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
+        return out
+
+    @torch.jit.unused
+    def _set_aux_loss(self, outputs_class, outputs_coord):
+        return [{"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+
+
+class MLP(nn.Module):
+    """A plain multi-layer perceptron with ReLU between layers (the box head)."""
+
+    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
+        super().__init__()
+        self.num_layers = num_layers
+        h = [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip([input_dim] + h, h + [output_dim]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = F.relu(layer(x)) if i < self.num_layers - 1 else layer(x)
+        return x
