@@ -1,0 +1,157 @@
+"""COCO detection in the official layout, on top of torchvision.datasets.CocoDetection.
+
+Bad data is handled as follows; everything else raises `DataError` naming the file and the problem:
+
+- an image file that is missing, truncated or not an image: `DataError` when the image is loaded;
+- grayscale, palette, CMYK and other modes are converted to RGB; images with transparency (RGBA, LA, palette with
+  a transparent colour) are composited over white first, so transparent pixels do not show whatever colour
+  happens to be stored under them;
+- boxes are clamped to the image; boxes left with zero or negative width or height are dropped;
+- crowd objects are dropped (COCOeval treats them as regions to ignore), so a crowd-only image, like an image with
+  no annotations, is kept as an image with no objects;
+- an annotation without "area" gets its box area, one without "iscrowd" is not crowd;
+- an annotation file that is not JSON, or not COCO (no images, annotations or categories, an annotation without
+  a valid bbox or with an unknown category): `DataError` when the dataset is built.
+"""
+import json
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
+
+from .transforms import make_coco_transforms
+
+
+class DataError(RuntimeError):
+    """A dataset file that cannot be used; the message names the file and the problem."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of any PIL image, transparency composited over white."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def _validate_coco(dataset, ann_file) -> None:
+    """Raise DataError unless `dataset` (a parsed annotation file) is COCO detection data; give annotations
+    without an "area" their box area and those without "iscrowd" 0, as COCOeval needs both."""
+    if not isinstance(dataset, dict):
+        raise DataError(f"{ann_file}: not a COCO annotation file (the top level is a {type(dataset).__name__}, "
+                        "expected an object with images, annotations and categories)")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(dataset.get(key), list):
+            raise DataError(f"{ann_file}: not a COCO annotation file (no {key!r} list)")
+    for image in dataset["images"]:
+        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+            raise DataError(f"{ann_file}: image entry {str(image)[:80]} lacks an 'id' or a 'file_name'")
+    category_ids = set()
+    for category in dataset["categories"]:
+        if not isinstance(category, dict) or not isinstance(category.get("id"), int) or category["id"] < 0:
+            raise DataError(f"{ann_file}: category {str(category)[:80]} has no non-negative integer 'id'")
+        category_ids.add(category["id"])
+    image_ids = {image["id"] for image in dataset["images"]}
+    for ann in dataset["annotations"]:
+        where = f"{ann_file}: annotation {ann.get('id', '?') if isinstance(ann, dict) else str(ann)[:80]}"
+        if not isinstance(ann, dict) or ann.get("image_id") not in image_ids:
+            raise DataError(f"{where} does not refer to an image of the file")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and v == v and abs(v) != float("inf") for v in bbox)):
+            raise DataError(f"{where} has bbox {bbox!r}; expected [x, y, width, height] as 4 finite numbers")
+        if ann.get("category_id") not in category_ids:
+            raise DataError(f"{where} has category_id {ann.get('category_id')!r}, not among the categories")
+        ann.setdefault("area", bbox[2] * bbox[3])
+        ann.setdefault("iscrowd", 0)
+
+
+class CocoDetection(torchvision.datasets.CocoDetection):
+    """COCO images with targets in the official DETR format, after `transforms` (a callable on (image, target))."""
+
+    def __init__(self, img_folder, ann_file, transforms=None):
+        try:
+            super().__init__(str(img_folder), str(ann_file))
+        except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+            raise DataError(f"{ann_file}: not a JSON file ({e})") from None
+        except (AssertionError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{ann_file}: not a COCO annotation file ({type(e).__name__}: {e})") from None
+        _validate_coco(self.coco.dataset, ann_file)
+        self.ann_file = str(ann_file)
+        self._transforms = transforms
+        self.prepare = ConvertCocoPolysToMask()
+        categories = self.coco.dataset["categories"]
+        # the official rule: labels are category ids, so the classifier needs max id + 1 outputs
+        self.num_classes = max((c["id"] for c in categories), default=0) + 1
+        names = {c["id"]: c.get("name", str(c["id"])) for c in categories}
+        self.class_names = [names.get(i, "N/A") for i in range(self.num_classes)]
+
+    def _load_image(self, id: int) -> Image.Image:
+        path = Path(self.root) / self.coco.loadImgs(id)[0]["file_name"]
+        if not path.is_file():
+            raise DataError(f"{path}: image file missing (image id {id} in {self.ann_file})")
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(image)
+        except (OSError, UnidentifiedImageError, SyntaxError) as e:
+            raise DataError(f"{path}: cannot decode the image, truncated or corrupt ({e})") from None
+
+    def __getitem__(self, idx):
+        image_id = self.ids[idx]
+        image = self._load_image(image_id)
+        target = {"image_id": image_id, "annotations": self._load_target(image_id)}
+        image, target = self.prepare(image, target)
+        if self._transforms is not None:
+            image, target = self._transforms(image, target)
+        return image, target
+
+
+class ConvertCocoPolysToMask:
+    """COCO annotations to the official target dict (boxes as xyxy `tv_tensors.BoundingBoxes` in pixels).
+
+    Drops crowd objects, converts xywh to xyxy, clamps to the image and drops boxes with no area.
+    """
+
+    def __call__(self, image, target):
+        w, h = image.size
+        anno = [obj for obj in target["annotations"] if obj.get("iscrowd", 0) == 0]
+        boxes = torch.as_tensor([obj["bbox"] for obj in anno], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2].clamp_(min=0, max=w)
+        boxes[:, 1::2].clamp_(min=0, max=h)
+        keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
+        labels = torch.tensor([obj["category_id"] for obj in anno], dtype=torch.int64)
+        area = torch.tensor([obj["area"] for obj in anno], dtype=torch.float32)
+        iscrowd = torch.zeros(len(anno), dtype=torch.int64)
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=(h, w)),
+            "labels": labels[keep],
+            "image_id": torch.tensor([target["image_id"]]),
+            "area": area[keep],
+            "iscrowd": iscrowd[keep],
+            "orig_size": torch.as_tensor([int(h), int(w)]),
+            "size": torch.as_tensor([int(h), int(w)]),
+        }
+        return image, target
+
+
+def build(image_set: str, args):
+    """The train or val split of the COCO-layout dataset at args.coco_path."""
+    root = Path(args.coco_path)
+    paths = {
+        "train": (root / "train2017", root / "annotations" / "instances_train2017.json"),
+        "val": (root / "val2017", root / "annotations" / "instances_val2017.json"),
+    }
+    img_folder, ann_file = paths[image_set]
+    for path in (img_folder, ann_file):
+        if not path.exists():
+            raise DataError(f"{path}: not found; expected the COCO layout {root}/train2017, {root}/val2017 and "
+                            f"{root}/annotations/instances_{{train,val}}2017.json")
+    transforms = make_coco_transforms(image_set, getattr(args, "min_size", 800), getattr(args, "max_size", 1333))
+    return CocoDetection(img_folder, ann_file, transforms=transforms)

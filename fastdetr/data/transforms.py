@@ -1,0 +1,145 @@
+"""The paper's augmentations on (PIL image, target) pairs, as in the official DETR datasets/transforms.py.
+
+Flip, crop and box bookkeeping come from torchvision.transforms.v2 with ``tv_tensors.BoundingBoxes`` (xyxy, in
+pixels) in ``target["boxes"]``. Written here is only what v2 does differently from the official code:
+
+- the output size of a resize: the official rule (`get_size`) first shrinks the requested short side so that the
+  long side stays near ``max_size`` and rounds differently from ``v2.Resize(max_size=...)``, which resizes the long
+  side to exactly ``max_size``; the two give different sizes for elongated images;
+- a random crop whose height and width are drawn independently in [min_size, max_size];
+- after a crop: drop boxes left with no area and set ``area`` to the clipped box area, as the official code does.
+
+`Normalize` ends the pipeline: image to a normalised float tensor, boxes to cxcywh in [0, 1] as plain tensors.
+"""
+import random
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def get_size(image_size, size, max_size=None):
+    """(height, width) for resizing an image of (width, height) `image_size` to short side `size`, long side at most
+    about `max_size`: the official get_size_with_aspect_ratio, rounding included."""
+    w, h = image_size
+    if max_size is not None:
+        min_original_size = float(min((w, h)))
+        max_original_size = float(max((w, h)))
+        if max_original_size / min_original_size * size > max_size:
+            size = int(round(max_size * min_original_size / max_original_size))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+def resize(image, target, size, max_size=None):
+    """Resize to short side `size` (long side about `max_size` at most), scaling boxes and areas."""
+    h, w = get_size(image.size, size, max_size)
+    ratio_w, ratio_h = w / image.width, h / image.height
+    image = F.resize(image, [h, w])
+    if target is None:
+        return image, None
+    target = target.copy()
+    if "boxes" in target:
+        target["boxes"] = F.resize(target["boxes"], [h, w])
+    if "area" in target:
+        target["area"] = target["area"] * (ratio_w * ratio_h)
+    target["size"] = torch.tensor([h, w])
+    return image, target
+
+
+def crop(image, target, region):
+    """Crop to `region` = (top, left, height, width); boxes are clipped, and those left empty are dropped."""
+    top, left, height, width = region
+    image = F.crop(image, top, left, height, width)
+    target = target.copy()
+    target["size"] = torch.tensor([height, width])
+    if "boxes" in target:
+        # v2 clips xyxy boxes to the crop exactly as the official code does.
+        boxes = F.crop(target["boxes"], top, left, height, width)
+        wh = boxes[:, 2:] - boxes[:, :2]
+        keep = (wh > 0).all(dim=1)
+        # indexing a tv_tensor gives a plain tensor: wrap the boxes again to keep their format and canvas size
+        target["boxes"] = tv_tensors.wrap(boxes[keep], like=boxes)
+        target["area"] = wh.prod(dim=1)[keep]
+        for field in ("labels", "iscrowd"):
+            if field in target:
+                target[field] = target[field][keep]
+    return image, target
+
+
+class RandomResize:
+    """Resize the short side to a size drawn from `sizes`, long side at most about `max_size`."""
+
+    def __init__(self, sizes, max_size=None):
+        assert isinstance(sizes, (list, tuple))
+        self.sizes = sizes
+        self.max_size = max_size
+
+    def __call__(self, image, target=None):
+        return resize(image, target, random.choice(self.sizes), self.max_size)
+
+
+class RandomSizeCrop:
+    """Crop a random region whose height and width are each drawn in [min_size, max_size] (capped by the image)."""
+
+    def __init__(self, min_size: int, max_size: int):
+        self.min_size = min_size
+        self.max_size = max_size
+
+    def __call__(self, image, target):
+        w = random.randint(self.min_size, min(image.width, self.max_size))
+        h = random.randint(self.min_size, min(image.height, self.max_size))
+        # the draws of torchvision's RandomCrop.get_params
+        top = torch.randint(0, image.height - h + 1, size=(1,)).item()
+        left = torch.randint(0, image.width - w + 1, size=(1,)).item()
+        return crop(image, target, (top, left, h, w))
+
+
+class Normalize:
+    """PIL image to a normalised float tensor; boxes to plain cxcywh tensors normalised by the image size."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.mean = mean
+        self.std = std
+
+    def __call__(self, image, target=None):
+        image = F.to_dtype(F.to_image(image), torch.float32, scale=True)
+        image = F.normalize(image, mean=self.mean, std=self.std).as_subclass(torch.Tensor)
+        if target is None:
+            return image, None
+        target = target.copy()
+        if "boxes" in target:
+            h, w = image.shape[-2:]
+            boxes = F.convert_bounding_box_format(target["boxes"], new_format=tv_tensors.BoundingBoxFormat.CXCYWH)
+            target["boxes"] = boxes.as_subclass(torch.Tensor) / torch.tensor([w, h, w, h], dtype=torch.float32)
+        return image, target
+
+
+def make_coco_transforms(image_set: str, min_size: int = 800, max_size: int = 1333):
+    """The paper's pipelines. At min_size=800 these are exactly the official ones; other sizes scale every length
+    (the 480..800 scales, the 400/500/600 resize and the 384..600 crop) by min_size / 800."""
+    scale = min_size / 800
+    scales = [round(s * scale) for s in range(480, 801, 32)]
+    if image_set == "train":
+        return v2.Compose([
+            v2.RandomHorizontalFlip(),
+            v2.RandomChoice([
+                RandomResize(scales, max_size=max_size),
+                v2.Compose([
+                    RandomResize([round(s * scale) for s in (400, 500, 600)]),
+                    RandomSizeCrop(round(384 * scale), round(600 * scale)),
+                    RandomResize(scales, max_size=max_size),
+                ]),
+            ]),
+            Normalize(),
+        ])
+    if image_set == "val":
+        return v2.Compose([RandomResize([min_size], max_size=max_size), Normalize()])
+    raise ValueError(f"unknown image_set {image_set!r}: expected 'train' or 'val'")
