@@ -3,3 +3,5 @@
 Importing this package fails with ImportError where Triton is missing; fastdetr then uses its reference path.
 """
 import triton  # noqa: F401
+
+from .position_embedding import position_embedding_sine  # noqa: F401
