@@ -125,8 +125,11 @@ def _overlap(new, old) -> float:
     return max(w, 0) * max(h, 0) / ((old[2] - old[0]) * (old[3] - old[1]))
 
 
-def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, _SPLITS[split], index])
+def make_image(seed: int, split: str, index: int, size_range=(200, 320), max_objects: int = 4):
+    """Image `index` of `split`: (PIL image, instance map, objects) as `render_scene` returns them."""
+    rng = np.random.default_rng([seed, _SPLITS[split], index])
+    width, height = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
+    return render_scene(rng, width, height, max_objects)
 
 
 def write_split(root: Path, split: str, num_images: int, seed: int, size_range=(200, 320), max_objects=4) -> dict:
@@ -134,9 +137,8 @@ def write_split(root: Path, split: str, num_images: int, seed: int, size_range=(
     (root / split).mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(num_images):
-        rng = _image_rng(seed, split, index)
-        width, height = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
-        image, instance_map, objects = render_scene(rng, width, height, max_objects)
+        image, instance_map, objects = make_image(seed, split, index, size_range, max_objects)
+        width, height = image.size
         image_id = index + 1
         file_name = f"{image_id:012d}.jpg"
         image.save(root / split / file_name, quality=92)
