@@ -1,0 +1,201 @@
+"""Train and evaluate for one epoch (the official engine.py), with mixed precision and no host synchronisation per
+iteration: losses are summed on the device and read back only every `print_freq` iterations."""
+import contextlib
+import datetime
+import io
+import math
+import time
+
+import torch
+import torch.distributed as dist
+from pycocotools.cocoeval import COCOeval
+
+from .misc import get_world_size, is_dist_avail_and_initialized, is_main_process
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHOWN = ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error")
+
+
+def _to_float(outputs):
+    """Model outputs in float32, so that matching and losses are computed in full precision under autocast."""
+    if isinstance(outputs, dict):
+        return {k: _to_float(v) for k, v in outputs.items()}
+    if isinstance(outputs, list):
+        return [_to_float(v) for v in outputs]
+    return outputs.float()
+
+
+def _stat_values(loss_dict, weight_dict):
+    """The official logged values: total loss, weighted losses, every term unscaled (on the device)."""
+    stats = {"loss": sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)}
+    stats.update({k: v * weight_dict[k] for k, v in loss_dict.items() if k in weight_dict})
+    stats.update({f"{k}_unscaled": v for k, v in loss_dict.items()})
+    stats["class_error"] = loss_dict["class_error"]
+    return stats
+
+
+class _Meter:
+    """Sums of the logged values on the device; `read` reduces them over processes and returns host averages."""
+
+    def __init__(self):
+        self.keys, self.sums, self.count = None, None, 0
+
+    def update(self, stats):
+        values = torch.stack([v.detach().float() for v in stats.values()])
+        if self.sums is None:
+            self.keys, self.sums = list(stats), values
+        else:
+            self.sums += values
+        self.count += 1
+
+    def read(self):
+        """{key: sum over iterations and processes} on the host, and the number of terms summed."""
+        sums = self.sums.clone()
+        if is_dist_avail_and_initialized():
+            dist.all_reduce(sums)
+        return dict(zip(self.keys, sums.tolist())), self.count * get_world_size()
+
+
+def _format(values, count):
+    return "  ".join(f"{k}: {values[k] / count:.4f}" for k in SHOWN if k in values)
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm: float = 0, amp: str = "none",
+                    scaler=None, print_freq: int = 10):
+    """One pass over data_loader; returns the epoch averages of the official logged values and the lr.
+
+    A non-finite loss raises FloatingPointError at the next logging point (every print_freq iterations).
+    """
+    model.train()
+    criterion.train()
+    dtype = AMP_DTYPES[amp]
+    meter, num_iters = _Meter(), len(data_loader)
+    last_values, last_count, last_iter = None, 0, 0
+    start = last_log = end = time.perf_counter()
+    data_time = 0.0
+    for i, (samples, targets) in enumerate(data_loader):
+        data_time += time.perf_counter() - end
+        samples = samples.to(device, non_blocking=True)
+        if device.type == "cuda":
+            samples.tensors = samples.tensors.contiguous(memory_format=torch.channels_last)
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            outputs = model(samples)
+        loss_dict = criterion(_to_float(outputs), targets)
+        stats = _stat_values(loss_dict, criterion.weight_dict)
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(stats["loss"]).backward()
+            scaler.unscale_(optimizer)
+        else:
+            stats["loss"].backward()
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if scaler is not None and scaler.is_enabled():
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        meter.update(stats)
+
+        if (i + 1) % print_freq == 0 or i + 1 == num_iters:
+            values, count = meter.read()  # the only host synchronisation of the loop
+            window = {k: v - (last_values[k] if last_values else 0) for k, v in values.items()}
+            if not math.isfinite(window["loss"]):
+                raise FloatingPointError(
+                    f"non-finite loss at epoch {epoch}, in iterations {last_iter + 1}..{i + 1}: "
+                    f"{_format(window, count - last_count)}. Stopping; the last checkpoint is the one "
+                    "of the previous epoch. Try a lower --lr, --clip_max_norm 0.1, --amp none, or check the data.")
+            now = time.perf_counter()
+            iter_time = (now - last_log) / (count - last_count) * get_world_size()
+            if is_main_process():
+                eta = datetime.timedelta(seconds=int(iter_time * (num_iters - i - 1)))
+                memory = (f"  max mem: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB"
+                          if device.type == "cuda" else "")
+                print(f"Epoch: [{epoch}] [{i + 1:>{len(str(num_iters))}}/{num_iters}]  eta: {eta}  "
+                      f"lr: {optimizer.param_groups[0]['lr']:.6f}  {_format(window, count - last_count)}  "
+                      f"time: {iter_time:.3f}  data: {data_time / (i + 1):.3f}{memory}", flush=True)
+            last_values, last_count, last_iter, last_log = values, count, i + 1, now
+        end = time.perf_counter()
+
+    values, count = meter.read()
+    averages = {k: v / count for k, v in values.items()}
+    if is_main_process():
+        took = datetime.timedelta(seconds=int(time.perf_counter() - start))
+        print(f"Epoch: [{epoch}] done in {took} ({(time.perf_counter() - start) / num_iters:.3f} s/it)  "
+              f"{_format(values, count)}", flush=True)
+    averages["lr"] = optimizer.param_groups[0]["lr"]
+    return averages
+
+
+@contextlib.contextmanager
+def _quiet():
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def coco_evaluate(coco_gt, results):
+    """COCOeval of `results` (COCO results format) against the COCO object `coco_gt`: (COCOeval, 12-line summary)."""
+    if not results:
+        raise ValueError("no detections to evaluate (empty validation set?)")
+    with _quiet():
+        coco_dt = coco_gt.loadRes(results)
+        coco_eval = COCOeval(coco_gt, coco_dt, "bbox")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        coco_eval.summarize()
+    return coco_eval, summary.getvalue()
+
+
+def to_coco_results(prediction, image_id):
+    """One image's PostProcess output (xyxy in pixels) as COCO results dicts (xywh)."""
+    boxes = prediction["boxes"].float().cpu()
+    boxes[:, 2:] -= boxes[:, :2]
+    return [{"image_id": image_id, "category_id": label, "bbox": box, "score": score}
+            for box, score, label in zip(boxes.tolist(), prediction["scores"].tolist(), prediction["labels"].tolist())]
+
+
+@torch.no_grad()
+def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, amp: str = "none", print_freq: int = 10):
+    """Losses and COCO box AP on data_loader.
+
+    Returns (stats, coco_eval, summary): the averaged logged values plus "coco_eval_bbox" (the 12 COCO numbers) on
+    every process; the COCOeval object and its printed summary on the main process (None elsewhere).
+    """
+    model.eval()
+    criterion.eval()
+    dtype = AMP_DTYPES[amp]
+    meter, results, start = _Meter(), {}, time.perf_counter()
+    for i, (samples, targets) in enumerate(data_loader):
+        image_ids = [int(t["image_id"]) for t in targets]
+        samples = samples.to(device, non_blocking=True)
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            outputs = model(samples)
+        outputs = _to_float(outputs)
+        meter.update(_stat_values(criterion(outputs, targets), criterion.weight_dict))
+        orig_target_sizes = torch.stack([t["orig_size"] for t in targets])
+        predictions = postprocessors["bbox"](outputs, orig_target_sizes)
+        results.update({image_id: to_coco_results(p, image_id) for image_id, p in zip(image_ids, predictions)})
+        if is_main_process() and ((i + 1) % print_freq == 0 or i + 1 == len(data_loader)):
+            print(f"Test: [{i + 1}/{len(data_loader)}]  {time.perf_counter() - start:.1f}s", flush=True)
+
+    values, count = meter.read()
+    stats = {k: v / count for k, v in values.items()}
+    if is_dist_avail_and_initialized():
+        gathered = [None] * get_world_size()
+        dist.all_gather_object(gathered, results)
+        # DistributedSampler pads with repeated images: keep each image once
+        results = {image_id: r for part in gathered for image_id, r in part.items()}
+    coco_eval, summary, ap = None, None, [None]
+    if is_main_process():
+        coco_eval, summary = coco_evaluate(base_ds, [r for image in results.values() for r in image])
+        print(summary, end="", flush=True)
+        ap = [coco_eval.stats.tolist()]
+    if is_dist_avail_and_initialized():
+        dist.broadcast_object_list(ap, src=0)
+    stats["coco_eval_bbox"] = ap[0]
+    return stats, coco_eval, summary
