@@ -5,3 +5,4 @@ Importing this package fails with ImportError where Triton is missing; fastdetr 
 import triton  # noqa: F401
 
 from .position_embedding import position_embedding_sine  # noqa: F401
+from .ffn import ffn  # noqa: F401

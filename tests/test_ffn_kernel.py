@@ -1,0 +1,184 @@
+"""The Triton FFN sublayer in the interpreter: forward and every gradient against a float64 reference, dropout."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdetr
+from fastdetr.kernels import ffn
+from fastdetr.kernels.ffn import ffn_keep_masks
+from fastdetr.ops import ffn_reference
+
+# ||out - ref|| / ||ref|| against float64; fp32 GEMMs run with input_precision="ieee". In fp16 a ReLU whose input
+# rounds across zero moves a whole gradient entry, for the eager fp16 path just as much: there the bound is
+# the larger of TOL and 1.5x the eager fp16 error on the same inputs.
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+NAMES = ("x", "linear1_weight", "linear1_bias", "linear2_weight", "linear2_bias", "norm_weight", "norm_bias")
+
+
+def _rel(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _params(lead, d_model, hidden, dtype=torch.float32, seed=0, bias=True):
+    """x [*lead, d_model] and the FFN's parameters at DETR-like scales, all requiring grad."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0, mean=0.0):
+        return (mean + std * torch.randn(*shape, generator=gen)).to(dtype).requires_grad_()
+
+    b1 = randn(hidden, std=0.1) if bias else None
+    b2 = randn(d_model, std=0.1) if bias else None
+    return [randn(*lead, d_model), randn(hidden, d_model, std=d_model ** -0.5), b1,
+            randn(d_model, hidden, std=hidden ** -0.5), b2, randn(d_model, std=0.1, mean=1.0), randn(d_model, std=0.1)]
+
+
+def _grads(out, inputs, grad_out):
+    wrt = [t for t in inputs if t is not None]
+    return torch.autograd.grad(out, wrt, grad_out)
+
+
+def _float64(inputs):
+    return [None if t is None else t.detach().double().requires_grad_() for t in inputs]
+
+
+def _check(results, ref_results, tol, eager_results=None):
+    """results = [out, *grads] against the float64 ref_results, optionally bounded by the eager path's error."""
+    for name, got, ref, eager in zip(("out",) + NAMES, results, ref_results,
+                                     eager_results or [None] * len(results)):
+        limit = tol if eager is None else max(tol, 1.5 * _rel(eager, ref))
+        assert _rel(got, ref) < limit, f"{name}: {_rel(got, ref):.2e} (limit {limit:.2e})"
+
+
+@pytest.mark.parametrize("normalize_before", [False, True], ids=["post_norm", "pre_norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("lead,d_model,hidden", [
+    ((37,), 64, 96),
+    ((101,), 64, 96),
+    ((7, 3), 48, 100),  # leading dims; d_model and hidden that no tile divides
+    ((37,), 256, 96),  # DETR's d_model: the LayerNorm epilogue holds 256 columns
+])
+def test_matches_float64_reference(lead, d_model, hidden, dtype, normalize_before):
+    inputs = _params(lead, d_model, hidden, dtype)
+    out = ffn(*inputs, normalize_before=normalize_before)
+    assert out.shape == inputs[0].shape and out.dtype == dtype
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    results = [out, *_grads(out, inputs, grad_out)]
+    assert all(r.dtype == dtype for r in results)
+
+    ref_inputs = _float64(inputs)
+    ref = ffn_reference(*ref_inputs, normalize_before=normalize_before)
+    ref_results = [ref, *_grads(ref, ref_inputs, grad_out.double())]
+    eager_results = None
+    if dtype != torch.float32:
+        eager = ffn_reference(*inputs, normalize_before=normalize_before)
+        eager_results = [eager, *_grads(eager, inputs, grad_out)]
+    _check(results, ref_results, TOL[dtype], eager_results)
+
+
+@pytest.mark.parametrize("normalize_before", [False, True], ids=["post_norm", "pre_norm"])
+def test_without_biases(normalize_before):
+    inputs = _params((37,), 64, 96, bias=False)
+    out = ffn(*inputs, normalize_before=normalize_before)
+    grad_out = torch.randn_like(out)
+    ref_inputs = _float64(inputs)
+    ref = ffn_reference(*ref_inputs, normalize_before=normalize_before)
+    _check([out, *_grads(out, inputs, grad_out)], [ref, *_grads(ref, ref_inputs, grad_out.double())],
+           TOL[torch.float32])
+
+
+def _masked_reference(inputs, keep1, keep2, p, normalize_before, eps=1e-5):
+    """ffn_reference with the given dropout keep masks in place of F.dropout."""
+    x, w1, b1, w2, b2, gamma, beta = inputs
+    scale = 1.0 / (1.0 - p)
+    a = F.layer_norm(x, x.shape[-1:], gamma, beta, eps) if normalize_before else x
+    h = F.relu(F.linear(a, w1, b1)) * keep1 * scale
+    out = x + F.linear(h, w2, b2) * keep2 * scale
+    return out if normalize_before else F.layer_norm(out, x.shape[-1:], gamma, beta, eps)
+
+
+@pytest.mark.parametrize("normalize_before", [False, True], ids=["post_norm", "pre_norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_dropout_forward_backward_use_the_debug_masks(dtype, normalize_before):
+    p, seed = 0.3, 1234
+    inputs = _params((101,), 64, 96, dtype)
+    out = ffn(*inputs, dropout_p=p, normalize_before=normalize_before, seed=seed)
+    grad_out = torch.randn_like(out)
+    results = [out, *_grads(out, inputs, grad_out)]
+
+    keep1, keep2 = ffn_keep_masks(seed, 101, 96, 64, p, device=out.device)
+    ref_inputs = _float64(inputs)
+    ref = _masked_reference(ref_inputs, keep1, keep2, p, normalize_before)
+    ref_results = [ref, *_grads(ref, ref_inputs, grad_out.double())]
+    eager_results = None
+    if dtype != torch.float32:
+        eager = _masked_reference(inputs, keep1, keep2, p, normalize_before)
+        eager_results = [eager, *_grads(eager, inputs, grad_out)]
+    _check(results, ref_results, TOL[dtype], eager_results)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_rate(p):
+    keep1, keep2 = ffn_keep_masks(99, 101, 96, 64, p, device="cpu")
+    for keep in (keep1, keep2):
+        n = keep.numel()
+        sigma = (p * (1 - p) / n) ** 0.5
+        assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+    # The two layers and two seeds draw different bits.
+    assert (keep1[:, :64] != keep2).float().mean() > p / 2
+    assert (ffn_keep_masks(100, 101, 96, 64, p, device="cpu")[0] != keep1).float().mean() > p / 2
+
+
+def test_output_dropout_rate():
+    # Pre-norm returns x + dropout(y): a dropped entry is exactly x, a kept one almost never is.
+    p = 0.5
+    inputs = [t.detach() for t in _params((101,), 64, 96)]
+    out = ffn(*inputs, dropout_p=p, normalize_before=True, seed=5)
+    dropped = (out == inputs[0]).float().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / out.numel()) ** 0.5
+
+
+def test_seeded_by_torch_manual_seed():
+    inputs = _params((37,), 64, 96)
+
+    def run():
+        out = ffn(*inputs, dropout_p=0.2)
+        return [out, *_grads(out, inputs, torch.ones_like(out))]
+
+    torch.manual_seed(7)
+    first = run()
+    torch.manual_seed(7)
+    second = run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    torch.manual_seed(8)
+    assert not torch.equal(run()[0], first[0])
+
+
+@pytest.mark.parametrize("normalize_before", [False, True], ids=["post_norm", "pre_norm"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16], ids=["x_fp32", "x_fp16"])
+def test_autocast_matches_eager_autocast(x_dtype, normalize_before):
+    # CPU autocast in float16: the interpreter's bfloat16 tl.dot is not usable.
+    inputs = _params((37,), 64, 96)
+    inputs[0] = inputs[0].detach().to(x_dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = ffn(*inputs, normalize_before=normalize_before)
+        ref = ffn_reference(*inputs, normalize_before=normalize_before)
+    assert out.dtype == ref.dtype
+    grad_out = torch.randn_like(ref)
+    grads, ref_grads = _grads(out, inputs, grad_out), _grads(ref, inputs, grad_out)
+    assert _rel(out, ref.double()) < 1e-2
+    for name, g, r in zip(NAMES, grads, ref_grads):
+        assert g.dtype == r.dtype, name
+        assert _rel(g, r.double()) < 1e-2, name
+
+
+def test_seam_dispatches_to_the_kernel():
+    inputs = [t.detach() for t in _params((37,), 64, 96)]
+    with fastdetr.ops.use_kernels("triton"):
+        out = fastdetr.ops.ffn(*inputs, normalize_before=True)
+    assert _rel(out, ffn_reference(*_float64(inputs), normalize_before=True)) < TOL[torch.float32]
+
+
+def test_wide_d_model_rejected():
+    x, w1, b1, w2, b2, gamma, beta = [t.detach() for t in _params((3,), 520, 16)]
+    with pytest.raises(ValueError, match="d_model"):
+        ffn(x, w1, b1, w2, b2, gamma, beta)
