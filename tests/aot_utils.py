@@ -1,13 +1,22 @@
 """Ahead-of-time compilation of Triton kernels for GPUs this machine does not have.
 
-`compile_for` builds a @triton.jit kernel for a CUDA compute capability (80 = A100, 90 = H100) without a GPU;
-the `assert_*` helpers then check the result the way a launch on that GPU would need: shared memory fits,
-no registers spill to local memory, and the matrix products run on tensor cores.
+`compile_report` builds a @triton.jit kernel for a CUDA compute capability (80 = A100, 90 = H100) without a GPU,
+specialised as a launch with given arguments would be, and reports what a launch on that GPU depends on; the
+`assert_*` helpers check it: shared memory fits, no registers spill, the matrix products run on tensor cores.
+
+Under TRITON_INTERPRET=1 (the kernel tests on a CPU machine) triton.compile cannot run in-process: the
+interpreter swaps triton.language's own @jit functions (tl.sum, tl.rand, ...) for interpreted ones when triton
+is imported. So `submit_report` / `compile_report` compile in worker processes that import triton without the
+interpreter; `compile_for` / `compile_like_launch` are the in-process steps they run.
 """
+import atexit
+import importlib
+import multiprocessing
 import os
 import re
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import triton
@@ -17,18 +26,30 @@ from triton.compiler import ASTSource
 # Largest dynamic shared memory one block may opt into.
 MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
-# wgmma is Hopper's warpgroup MMA; Ampere (and Hopper's fallback) use the warp-level mma.sync.
-TENSOR_CORE_PTX = {80: re.compile(r"\bmma\.sync\b"), 90: re.compile(r"\bwgmma\.mma_async\b")}
+# Hopper's warpgroup MMA and the warp-level MMA of Ampere (which Hopper also runs, slower).
+WGMMA = re.compile(r"\bwgmma\.mma_async\b")
+MMA_SYNC = re.compile(r"\bmma\.sync\b")
+
+
+@dataclass(frozen=True)
+class AotReport:
+    """What one ahead-of-time compilation produced."""
+    name: str
+    cc: int
+    shared: int  # bytes of shared memory per block (static + dynamic)
+    usage: Dict[str, int]  # cuobjdump --dump-resource-usage: REG, STACK, SHARED, LOCAL
+    wgmma: int  # wgmma.mma_async instructions in the PTX
+    mma_sync: int  # mma.sync instructions in the PTX
 
 
 def compile_for(fn, cc: int, signature: Dict[str, str], constexprs: Optional[Dict[str, object]] = None,
                 num_warps: int = 4, num_stages: int = 3, attrs: Optional[dict] = None):
-    """Compile `fn` for GPUTarget("cuda", cc, 32) and return triton's CompiledKernel.
+    """Compile `fn` (a JITFunction: needs triton imported without TRITON_INTERPRET) for GPUTarget("cuda", cc, 32)
+    and return triton's CompiledKernel.
 
-    signature: arg name -> type string ("*fp16", "*fp32", "*i1", "i32", "fp32"); constexprs: arg name -> value.
-    Arguments named in `constexprs` may be left out of `signature` (they are entered as "constexpr", the
-    triton 3.x format). Arguments left out of both (e.g. `do_not_specialize` ints) are an error. attrs is
-    passed through to ASTSource (e.g. {(0,): [["tt.divisibility", 16]]} for 16-byte aligned pointers).
+    signature: arg name -> type string ("*fp16", "*fp32", "*i1", "i32", "fp32"); constexprs: arg name -> value,
+    entered in the signature as "constexpr" (the triton 3.x format). attrs goes to ASTSource, e.g.
+    {(0,): [["tt.divisibility", 16]]} for a 16-byte aligned pointer or int.
     """
     constexprs = dict(constexprs or {})
     full = {}
@@ -45,7 +66,7 @@ def compile_for(fn, cc: int, signature: Dict[str, str], constexprs: Optional[Dic
 
 
 def compile_like_launch(fn, cc: int, args: Dict[str, object], num_warps: int = 4, num_stages: int = 3):
-    """Compile `fn` for sm_`cc` specialised as a launch with these arguments would be.
+    """`compile_for`, specialised as a launch with these arguments would be.
 
     args: arg name -> a pointer type string ("*bf16": a 16-byte aligned tensor), an example int or float,
     None, or the value of a constexpr parameter. Like the launcher, ints equal to 1 become constexprs and ints
@@ -75,26 +96,15 @@ def compile_like_launch(fn, cc: int, args: Dict[str, object], num_warps: int = 4
     return compile_for(fn, cc, signature, constexprs, num_warps=num_warps, num_stages=num_stages, attrs=attrs)
 
 
-def shared_bytes(kernel) -> int:
-    """Static + dynamic shared memory the compiled kernel needs per block."""
-    return kernel.metadata.shared
-
-
-def assert_shared_fits(kernel, cc: int):
-    """The kernel's shared memory fits one block on a compute-capability `cc` GPU."""
-    need, limit = shared_bytes(kernel), MAX_SHARED_BYTES[cc]
-    assert need <= limit, f"{kernel.name}: needs {need} bytes of shared memory, sm_{cc} allows {limit}"
-
-
 def cuobjdump_path() -> str:
     """The cuobjdump that ships with triton's NVIDIA backend."""
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def resource_usage(kernel) -> Dict[str, int]:
-    """cuobjdump --dump-resource-usage of the kernel's cubin as {"REG": .., "STACK": .., "LOCAL": .., ...}."""
+def resource_usage(cubin: bytes) -> Dict[str, int]:
+    """cuobjdump --dump-resource-usage of a cubin as {"REG": .., "STACK": .., "SHARED": .., "LOCAL": ..}."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
+        f.write(cubin)
         f.flush()
         out = subprocess.run([cuobjdump_path(), "--dump-resource-usage", f.name],
                              check=True, capture_output=True, text=True).stdout
@@ -103,20 +113,67 @@ def resource_usage(kernel) -> Dict[str, int]:
     return usage
 
 
-def assert_no_spills(kernel) -> Dict[str, int]:
-    """No local memory and no stack (ptxas spills registers to both); returns the resource usage."""
-    usage = resource_usage(kernel)
-    assert usage["LOCAL"] == 0 and usage.get("STACK", 0) == 0, f"{kernel.name} spills registers: {usage}"
-    return usage
+def _report(module: str, kernel: str, cc: int, args: Dict[str, object], num_warps: int,
+            num_stages: int) -> AotReport:
+    fn = getattr(importlib.import_module(module), kernel)
+    compiled = compile_like_launch(fn, cc, args, num_warps=num_warps, num_stages=num_stages)
+    ptx = compiled.asm["ptx"]
+    return AotReport(kernel, cc, compiled.metadata.shared, resource_usage(compiled.asm["cubin"]),
+                     len(WGMMA.findall(ptx)), len(MMA_SYNC.findall(ptx)))
 
 
-def tensor_core_ops(kernel, cc: int) -> int:
-    """Number of tensor-core MMA instructions for `cc` in the kernel's PTX."""
-    return len(TENSOR_CORE_PTX[cc].findall(kernel.asm["ptx"]))
+_pool = None
 
 
-def assert_tensor_cores(kernel, cc: int) -> int:
-    """The PTX has the tensor-core MMA of `cc` (wgmma on sm_90, mma.sync on sm_80); returns how many."""
-    n = tensor_core_ops(kernel, cc)
-    assert n > 0, f"{kernel.name}: no {TENSOR_CORE_PTX[cc].pattern} in sm_{cc} PTX"
-    return n
+def _compiler_pool():
+    """Worker processes whose triton was imported with the interpreter off (all started here, so that each
+    inherits TRITON_INTERPRET=0)."""
+    global _pool
+    if _pool is None:
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "0"
+        try:
+            _pool = multiprocessing.get_context("spawn").Pool(processes=min(2, os.cpu_count() or 1))
+        finally:
+            if saved is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
+        atexit.register(_pool.terminate)
+    return _pool
+
+
+def submit_report(fn, cc: int, args: Dict[str, object], num_warps: int = 4, num_stages: int = 3):
+    """Start compiling the module-level kernel `fn` for sm_`cc` as `compile_like_launch` would; returns an
+    AsyncResult whose .get() is the AotReport. Submitting many before waiting compiles them in parallel.
+
+    The compilation runs in a worker process that finds `fn` again by module and name, so it works while this
+    process interprets kernels (TRITON_INTERPRET=1).
+    """
+    return _compiler_pool().apply_async(_report, (fn.fn.__module__, fn.__name__, cc, args, num_warps, num_stages))
+
+
+def compile_report(fn, cc: int, args: Dict[str, object], num_warps: int = 4, num_stages: int = 3) -> AotReport:
+    """`submit_report`, waited for."""
+    return submit_report(fn, cc, args, num_warps, num_stages).get()
+
+
+def assert_shared_fits(report: AotReport):
+    """The kernel's shared memory fits one block on its target GPU."""
+    limit = MAX_SHARED_BYTES[report.cc]
+    assert report.shared <= limit, f"{report.name}: needs {report.shared} B of shared memory, sm_{report.cc} " \
+                                   f"allows {limit}"
+
+
+def assert_no_spills(report: AotReport):
+    """No local memory and no stack frame: ptxas spills registers to both."""
+    assert report.usage["LOCAL"] == 0 and report.usage.get("STACK", 0) == 0, \
+        f"{report.name} spills registers on sm_{report.cc}: {report.usage}"
+
+
+def assert_tensor_cores(report: AotReport):
+    """The PTX has tensor-core MMAs: wgmma on sm_90, mma.sync on sm_80."""
+    found = report.wgmma if report.cc >= 90 else report.mma_sync
+    expected = "wgmma.mma_async" if report.cc >= 90 else "mma.sync"
+    assert found > 0, f"{report.name}: no {expected} in its sm_{report.cc} PTX " \
+                      f"(wgmma {report.wgmma}, mma.sync {report.mma_sync})"
