@@ -6,3 +6,4 @@ import triton  # noqa: F401
 
 from .position_embedding import position_embedding_sine  # noqa: F401
 from .ffn import ffn  # noqa: F401
+from .attention import attention, attention_dropout_mask, set_fp32_precision  # noqa: F401
