@@ -1,0 +1,206 @@
+"""The fused attention kernel against fastdetr.ops.attention_reference in float64.
+
+Without CUDA the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), which is
+slow: shapes are small but odd, so that no length is a multiple of any block size. bf16 runs only on CUDA (the
+interpreter's bf16 tl.dot is wrong).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdetr.ops as ops
+from fastdetr.kernels.attention import attention, attention_dropout_mask, attention_fwd, attention_bwd
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def make_inputs(B, H, Lq, Lk, D, dtype, layout="contiguous", seed=0):
+    """q [B, H, Lq, D], k and v [B, H, Lk, D]; "seq_first" gives DETR's permuted views of [L, B, H, D]."""
+    g = torch.Generator().manual_seed(seed)
+
+    def tensor(L):
+        if layout == "seq_first":
+            x = torch.randn(L, B, H, D, generator=g).permute(1, 2, 0, 3)
+        else:
+            x = torch.randn(B, H, L, D, generator=g)
+        return x.to(DEVICE, dtype).requires_grad_()
+
+    return tensor(Lq), tensor(Lk), tensor(Lk)
+
+
+def make_mask(B, Lk, kind, seed=0):
+    if kind == "none":
+        return None
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, Lk, generator=g) < 0.3
+    if kind == "full_row":
+        mask[-1] = True  # every key of the last image is padding
+    return mask.to(DEVICE)
+
+
+def reference(q, k, v, mask, grad_out, **kwargs):
+    """Output and (dq, dk, dv) of attention_reference in float64."""
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out = ops.attention_reference(q64, k64, v64, mask, **kwargs)
+    out.backward(grad_out.double())
+    return out.detach(), (q64.grad, k64.grad, v64.grad)
+
+
+CASES = [  # B, H, Lq, Lk, D, mask, layout
+    (1, 1, 37, 53, 16, "none", "contiguous"),
+    (2, 3, 37, 53, 32, "padding", "seq_first"),
+    (3, 2, 19, 70, 64, "full_row", "contiguous"),
+    (2, 8, 65, 29, 16, "padding", "contiguous"),
+    (1, 4, 100, 3, 32, "none", "seq_first"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,Lq,Lk,D,mask_kind,layout", CASES)
+def test_forward_backward_match_reference(B, H, Lq, Lk, D, mask_kind, layout, dtype):
+    q, k, v = make_inputs(B, H, Lq, Lk, D, dtype, layout)
+    mask = make_mask(B, Lk, mask_kind)
+    out = attention(q, k, v, key_padding_mask=mask)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    out.backward(grad_out)
+    ref_out, ref_grads = reference(q, k, v, mask, grad_out)
+
+    assert out.shape == (B, H, Lq, D) and out.dtype == dtype
+    tol = TOLERANCE[dtype]
+    assert rel_err(out, ref_out) < tol
+    for name, x, ref in zip("qkv", (q, k, v), ref_grads):
+        assert x.grad.dtype == dtype and x.grad.shape == x.shape
+        assert rel_err(x.grad, ref) < tol, f"d{name}"
+    if mask_kind == "full_row":
+        # a query with no key to attend to: zeros forward and backward, never NaN
+        assert torch.all(out[-1] == 0)
+        for x in (q, k, v):
+            assert torch.all(x.grad[-1] == 0)
+            assert torch.isfinite(x.grad).all()
+
+
+def test_output_keeps_the_input_layout():
+    # DETR reshapes the output back to sequence-first: a copy-free view if it is laid out like q
+    q, k, v = make_inputs(2, 2, 21, 13, 16, torch.float32, "seq_first")
+    out = attention(q, k, v)
+    assert out.stride() == q.stride()
+
+
+def test_dropout_keep_rate_and_independence():
+    p = 0.3
+    keep = attention_dropout_mask(2, 4, 61, 67, p, seed=1234, device=DEVICE)
+    n = keep.numel()
+    assert keep.shape == (2, 4, 61, 67) and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    heads = keep.flatten(0, 1).flatten(1).float()
+    assert (heads[0] != heads[1]).float().mean() > 0.3  # heads draw different bits
+    assert not torch.equal(keep, attention_dropout_mask(2, 4, 61, 67, p, seed=1235, device=DEVICE))
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "full_row"])
+def test_dropout_matches_reference_with_the_same_keep_mask(monkeypatch, mask_kind):
+    B, H, Lq, Lk, D, p, seed = 2, 3, 37, 53, 32, 0.25, 77
+    q, k, v = make_inputs(B, H, Lq, Lk, D, torch.float32, "seq_first")
+    mask = make_mask(B, Lk, mask_kind)
+    out = attention(q, k, v, key_padding_mask=mask, dropout_p=p, seed=seed)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out.backward(grad_out)
+
+    keep = attention_dropout_mask(B, H, Lq, Lk, p, seed, device=DEVICE)
+    # attention_reference drops probabilities with F.dropout; give it the kernel's keep mask instead
+    monkeypatch.setattr(F, "dropout", lambda probs, p: probs * keep / (1 - p))
+    ref_out, ref_grads = reference(q, k, v, mask, grad_out, dropout_p=p)
+    assert rel_err(out, ref_out) < 2e-5
+    for name, x, ref in zip("qkv", (q, k, v), ref_grads):
+        assert rel_err(x.grad, ref) < 2e-5, f"d{name}"
+
+
+def test_dropout_is_deterministic_for_a_seed():
+    q, k, v = make_inputs(1, 2, 29, 31, 16, torch.float32)
+
+    def run():
+        out = attention(q, k, v, dropout_p=0.1)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        return out, grads
+
+    torch.manual_seed(3)
+    out1, grads1 = run()
+    torch.manual_seed(3)
+    out2, grads2 = run()
+    assert torch.equal(out1, out2)
+    assert all(torch.equal(a, b) for a, b in zip(grads1, grads2))  # two-pass backward: no atomics
+    out3, _ = run()  # the generator moved on: a new mask
+    assert not torch.equal(out1, out3)
+
+
+@pytest.mark.skipif(CUDA, reason="CPU autocast in the interpreter; the CUDA path is covered by the bf16 parity")
+def test_autocast_runs_in_the_autocast_dtype():
+    q, k, v = make_inputs(2, 2, 23, 17, 32, torch.float32)
+    mask = make_mask(2, 17, "padding")
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = attention(q, k, v, key_padding_mask=mask)
+    assert out.dtype == torch.float16
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32  # the cast is differentiable back to the fp32 leaves
+    ref_out, ref_grads = reference(q, k, v, mask, torch.ones(out.shape))
+    assert rel_err(out, ref_out) < 1e-2
+    assert rel_err(q.grad, ref_grads[0]) < 1e-2
+
+
+def test_ops_seam_dispatches_to_the_kernel():
+    q, k, v = make_inputs(1, 2, 11, 13, 16, torch.float32)
+    torch.manual_seed(0)
+    with ops.use_kernels("triton"):
+        out = ops.attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(0)
+    # the same seed-keyed dropout mask: the reference's F.dropout would have drawn another
+    assert torch.equal(out, attention(q, k, v, dropout_p=0.5))
+
+
+def test_rejects_what_it_does_not_support():
+    q, k, v = make_inputs(1, 1, 8, 8, 16, torch.float32)
+    with pytest.raises(ValueError):
+        attention(q, k.half(), v)
+    with pytest.raises(ValueError):
+        attention(q, k, v, key_padding_mask=torch.zeros(1, 8, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError):
+        attention(q, k, v, fp32_precision="fast")
+    with pytest.raises(ValueError):
+        attention(q[..., :12], k[..., :12], v[..., :12])  # head dim 12
+
+
+def test_ops_are_registered_for_torch_compile():
+    # In the interpreter the kernels cannot run on fake tensors (triton's interpreter reads the data pointers),
+    # so opcheck's fake-tensor and AOT-dispatch checks, and torch.compile itself, need CUDA: see
+    # test_torch_compile_fullgraph. The schema and autograd registration are checked here.
+    q, k, v = make_inputs(1, 2, 19, 23, 16, torch.float32)
+    mask = make_mask(1, 23, "padding")
+    tests = ("test_schema", "test_autograd_registration")
+    torch.library.opcheck(attention_fwd, (q, k, v, mask, 0.1, 0.25, 7, "ieee"), test_utils=tests)
+    out, lse = attention_fwd(q, k, v, mask, 0.1, 0.25, 7, "ieee")
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(attention_bwd, (grad_out, q, k, v, out, lse, mask, 0.1, 0.25, 7, "ieee"),
+                          test_utils=("test_schema",))
+
+
+@pytest.mark.skipif(not CUDA, reason="torch.compile traces the kernels with fake tensors: needs real Triton")
+def test_torch_compile_fullgraph():
+    q, k, v = make_inputs(2, 4, 37, 53, 32, torch.float16, "seq_first")
+    mask = make_mask(2, 53, "full_row")
+    compiled = torch.compile(lambda q, k, v, m: attention(q, k, v, key_padding_mask=m), fullgraph=True)
+    out = compiled(q, k, v, mask)
+    out.sum().backward()
+    grads = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    eager = attention(q, k, v, key_padding_mask=mask)
+    eager.sum().backward()
+    assert torch.equal(out, eager)
+    assert all(torch.equal(g, x.grad) for g, x in zip(grads, (q, k, v)))
