@@ -56,7 +56,7 @@ _K = KernelConfig
 # head dim -> (fwd, bwd_dkdv, bwd_dq). Chosen ahead of time so that no config spills registers on sm_80 or
 # sm_90 with the mask and dropout on (tests/test_attention_aot.py); timings on a GPU are still owed.
 _CONFIGS = {
-    # fp16/bf16: D <= 32 (DETR) keeps 4 warps; D >= 64 needs 8 to hold the fp32 accumulators in registers.
+    # fp16/bf16: D <= 32 (DETR) keeps 4 warps; bigger heads need 8 to hold the fp32 accumulators in registers.
     "16bit": {16: (_K(64, 64, 4, 3), _K(32, 128, 4, 3), _K(128, 32, 4, 3)),
               32: (_K(64, 64, 4, 3), _K(32, 128, 4, 3), _K(128, 32, 4, 3)),
               64: (_K(128, 64, 8, 3), _K(32, 128, 8, 3), _K(128, 32, 8, 3)),
