@@ -14,6 +14,7 @@ from .misc import get_world_size, is_dist_avail_and_initialized, is_main_process
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHOWN = ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error")
+_ADVICE = "Try a lower --lr, --clip_max_norm 0.1, --amp none, or check the data."
 
 
 def _to_float(outputs):
@@ -80,8 +81,15 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
             samples.tensors = samples.tensors.contiguous(memory_format=torch.channels_last)
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            outputs = model(samples)
-        loss_dict = criterion(_to_float(outputs), targets)
+            outputs = _to_float(model(samples))
+        try:
+            loss_dict = criterion(outputs, targets)
+        except ValueError:
+            # the matcher's assignment fails first when the model has diverged to NaN predictions
+            if all(torch.isfinite(outputs[k]).all() for k in ("pred_logits", "pred_boxes")):
+                raise
+            raise FloatingPointError(f"non-finite model outputs at epoch {epoch}, iteration {i + 1}. Stopping; "
+                                     f"the last checkpoint is the one of the previous epoch. {_ADVICE}") from None
         stats = _stat_values(loss_dict, criterion.weight_dict)
 
         optimizer.zero_grad(set_to_none=True)
@@ -106,7 +114,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
                 raise FloatingPointError(
                     f"non-finite loss at epoch {epoch}, in iterations {last_iter + 1}..{i + 1}: "
                     f"{_format(window, count - last_count)}. Stopping; the last checkpoint is the one "
-                    "of the previous epoch. Try a lower --lr, --clip_max_norm 0.1, --amp none, or check the data.")
+                    f"of the previous epoch. {_ADVICE}")
             now = time.perf_counter()
             iter_time = (now - last_log) / (count - last_count) * get_world_size()
             if is_main_process():

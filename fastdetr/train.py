@@ -36,8 +36,8 @@ from .ops import MODES, use_kernels
 # BatchNorm, stem included, backbone at the full learning rate) since ImageNet weights may not be at hand.
 SYNTHETIC_CPU = dict(
     backbone="resnet18", backbone_norm="batch", train_backbone_stem=True, hidden_dim=128, dim_feedforward=512,
-    enc_layers=2, dec_layers=2, num_queries=20, dropout=0.0, lr=2e-4, lr_backbone=2e-4, batch_size=8, epochs=12,
-    lr_drop=9, min_size=224, max_size=384, num_workers=1, synthetic_train=1600, synthetic_val=200, print_freq=50,
+    enc_layers=2, dec_layers=2, num_queries=20, dropout=0.0, lr=2e-4, lr_backbone=2e-4, batch_size=8, epochs=6,
+    lr_drop=5, min_size=160, max_size=256, num_workers=1, synthetic_train=1600, synthetic_val=200, print_freq=50,
 )
 SYNTHETIC_CUDA = dict(
     SYNTHETIC_CPU, backbone="resnet34", hidden_dim=256, dim_feedforward=1024, enc_layers=3, dec_layers=3,
@@ -194,6 +194,7 @@ def save_eval(output_dir: Path, coco_eval, summary, epoch=None):
 
 
 def run(args):
+    """Train (or with args.eval, evaluate) as args say; returns the model (without DDP) and the last test stats."""
     init_distributed_mode(args)
     device = torch.device(args.device)
     use_kernels(args.kernels)
@@ -267,7 +268,7 @@ def run(args):
         if output_dir and is_main_process():
             save_eval(output_dir, coco_eval, summary)
             log(f"Evaluation summary written to {output_dir / 'eval' / 'latest.txt'}")
-        return test_stats
+        return model_without_ddp, test_stats
 
     log("Start training")
     start_time = time.time()
@@ -315,7 +316,7 @@ def run(args):
     if args.synthetic:
         log("The real recipe (COCO 2017 in its official layout, 8 GPUs, 300 epochs):\n"
             "  torchrun --nproc_per_node=8 -m fastdetr.train --coco_path /path/to/coco --output_dir outputs/detr_r50")
-    return test_stats
+    return model_without_ddp, test_stats
 
 
 def main(argv=None):
