@@ -36,19 +36,37 @@ def _block_d(d_model: int) -> int:
     return max(16, triton.next_power_of_2(d_model))
 
 
-def _linear1_config(rows: int, elem_bytes: int) -> dict:
+# GEMM operand kinds, which set the tiles: "16bit" (fp16/bf16), "tf32", "ieee" (exact fp32, FMA, no tensor cores).
+KINDS = ("16bit", "tf32", "ieee")
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return "16bit"
+    # fp32 GEMMs follow torch's matmul precision setting, so they match the eager reference.
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _linear1_config(rows: int, kind: str) -> dict:
     """Tiles of the GEMMs whose output is [rows, hidden]: linear1 forward and the dh GEMM of the backward."""
-    block_k = 64 if elem_bytes == 2 else 32  # fp32 operands double the shared memory per stage
+    block_k = 64 if kind == "16bit" else 32  # fp32 operands double the shared memory per stage
     if rows <= _SMALL_M:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8 if kind == "ieee" else 4,
+                    num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _linear2_config(block_d: int, elem_bytes: int) -> dict:
-    """Tiles of linear2: 64 rows (one Hopper warpgroup MMA) by the whole padded d_model."""
-    block_k = 64 if elem_bytes == 2 else 32
-    num_warps = 4 if block_d <= 128 else (8 if block_d == 256 else 16)
-    return dict(BLOCK_M=64, BLOCK_N=block_d, BLOCK_K=block_k, num_warps=num_warps, num_stages=3)
+def _linear2_config(block_d: int, kind: str) -> dict:
+    """Tiles of linear2: the whole padded d_model by 64 rows (one Hopper warpgroup MMA) where the LayerNorm
+    epilogue fits the registers; 512 columns (and exact fp32, whose FMA products hold more) take fewer rows."""
+    block_k = {"16bit": 64, "tf32": 32, "ieee": 16}[kind]
+    block_m = 64
+    if block_d == 512:
+        block_m, block_k = (16, 16) if kind == "ieee" else (32, 32)
+    elif block_d == 256 and kind == "ieee":
+        block_m = 32
+    return dict(BLOCK_M=block_m, BLOCK_N=block_d, BLOCK_K=block_k, num_warps=4 if block_d <= 128 else 8,
+                num_stages=3)
 
 
 def _rows_config(block_d: int) -> dict:
@@ -56,22 +74,31 @@ def _rows_config(block_d: int) -> dict:
     return dict(BLOCK_M=max(1, 4096 // block_d), BLOCK_N=block_d, num_warps=4 if block_d <= 256 else 8)
 
 
-def ffn_configs() -> dict:
-    """Every launch config, per kernel, as (elem_bytes or None, config) pairs, for ahead-of-time compilation.
+_KEEP_MASK_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4)
 
-    elem_bytes is the GEMM operand size the config is chosen for (2: fp16/bf16, 4: fp32).
-    """
+
+def ffn_configs() -> dict:
+    """Every launch config, per kernel, as (kind, config) pairs (kind None: any dtype), for AOT compilation."""
     return {
-        "linear1": [(eb, _linear1_config(rows, eb)) for eb in (2, 4) for rows in (_SMALL_M, _SMALL_M + 1)],
-        "linear2": [(eb, _linear2_config(bd, eb)) for eb in (2, 4) for bd in _D_BLOCKS],
+        "linear1": [(kind, _linear1_config(rows, kind)) for kind in KINDS for rows in (_SMALL_M, _SMALL_M + 1)],
+        "linear2": [(kind, _linear2_config(bd, kind)) for kind in KINDS for bd in _D_BLOCKS],
         "rows": [(None, _rows_config(bd)) for bd in _D_BLOCKS],
+        "keep_mask": [(None, dict(_KEEP_MASK_CONFIG))],
     }
 
 
 @triton.jit
-def _keep(seed, offsets, p):
-    # Philox bits from (seed, element index): the backward regenerates the same mask instead of storing it.
-    return tl.rand(seed, offsets) >= p
+def _keep(seed, rows, col0, N, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dropout keep mask [BLOCK_M, BLOCK_N] at rows x (col0 + arange(BLOCK_N)) of a [*, N] tensor; col0 % 4 == 0.
+
+    The bits are a function of (seed, row, column) alone, so any kernel can regenerate them (the backward does,
+    instead of storing a mask). One Philox call yields four 32-bit draws: it serves four adjacent columns,
+    a quarter of the per-element cost of tl.rand and of the registers an epilogue needs for it.
+    """
+    quads = col0 // 4 + tl.arange(0, BLOCK_N // 4)
+    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * tl.cdiv(N, 4) + quads[None, :])
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK_M, BLOCK_N])
+    return tl.uint_to_uniform_float(bits) >= p
 
 
 @triton.jit
@@ -128,7 +155,7 @@ def _linear1_kernel(
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         acc = tl.maximum(acc, 0.0)
         if DROPOUT:
-            acc = tl.where(_keep(seed, offs, p), acc * keep_scale, 0.0)
+            acc = tl.where(_keep(seed, rm, pid_n * BLOCK_N, N, p, BLOCK_M, BLOCK_N), acc * keep_scale, 0.0)
     tl.store(out_ptr + offs, acc, mask=inside)
 
 
@@ -169,7 +196,7 @@ def _linear2_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=col_in, other=0.0).to(tl.float32)[None, :]
     if DROPOUT:
-        acc = tl.where(_keep(seed, offs, p), acc * keep_scale, 0.0)
+        acc = tl.where(_keep(seed, rm, 0, N, p, BLOCK_M, BLOCK_N), acc * keep_scale, 0.0)
     z = acc + tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     if LAYER_NORM:
         mean = tl.sum(z, axis=1) / N
@@ -247,20 +274,17 @@ def _rows_bwd_kernel(
     if EMIT_DY:
         dy = dx
         if DROPOUT:
-            dy = tl.where(_keep(seed, offs, p), dx * keep_scale, 0.0)
+            dy = tl.where(_keep(seed, rm, 0, N, p, BLOCK_M, BLOCK_N), dx * keep_scale, 0.0)
         tl.store(dy_ptr + offs, dy, mask=inside)
         tl.store(dbias_part_ptr + pid * N + rn, tl.sum(dy, axis=0), mask=col_in)
 
 
 @triton.jit
-def _keep_mask_kernel(out_ptr, numel, seed, p, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, _keep(seed, offs, p), mask=offs < numel)
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    """fp32 GEMMs follow torch's matmul precision setting, so they match the eager reference."""
-    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
+def _keep_mask_kernel(out_ptr, M, N, seed, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(seed, rm, tl.program_id(1) * BLOCK_N, N, p, BLOCK_M, BLOCK_N)
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], keep, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 def _keep_scale(p: float) -> float:
@@ -273,12 +297,13 @@ def _linear1(a: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, *, 
     M, K = a.shape
     N = out.shape[1]
     stride_bk, stride_bn = (weight.stride(1), weight.stride(0)) if trans_b else weight.stride()
-    cfg = _linear1_config(M, weight.element_size())
+    kind = _kind(weight.dtype)
+    cfg = _linear1_config(M, kind)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     wrap_triton(_linear1_kernel)[grid](
         a, weight, bias, h, out, dbias_part, M, N, K, a.stride(0), a.stride(1), stride_bk, stride_bn,
         seed, p, _keep_scale(p), BACKWARD=h is not None, HAS_BIAS=bias is not None, DROPOUT=p > 0.0,
-        INPUT_PRECISION=_input_precision(weight.dtype), **cfg)
+        INPUT_PRECISION="ieee" if kind == "ieee" else "tf32", **cfg)
 
 
 def _rows_bwd(g: Tensor, *, ln: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None, res: Optional[Tensor] = None,
@@ -321,11 +346,12 @@ def _ffn_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Option
     out = torch.empty(M, D, device=x.device, dtype=out_dtype)
     # Post-norm keeps z for the LayerNorm backward; pre-norm keeps linear1's input for dW1.
     z = a if normalize_before else torch.empty(M, D, device=x.device, dtype=torch.promote_types(x.dtype, dtype))
-    cfg = _linear2_config(_block_d(D), w2.element_size())
+    kind = _kind(dtype)
+    cfg = _linear2_config(_block_d(D), kind)
     wrap_triton(_linear2_kernel)[(triton.cdiv(M, cfg["BLOCK_M"]),)](
         h, w2, b2, x, gamma, beta, out, z, mean, rstd, M, D, hidden, h.stride(0), h.stride(1), w2.stride(1),
         w2.stride(0), seed + 1, p, _keep_scale(p), eps, HAS_BIAS=b2 is not None, DROPOUT=p > 0.0,
-        LAYER_NORM=not normalize_before, INPUT_PRECISION=_input_precision(dtype), **cfg)
+        LAYER_NORM=not normalize_before, INPUT_PRECISION="ieee" if kind == "ieee" else "tf32", **cfg)
     return out, h, z, mean, rstd
 
 
@@ -346,7 +372,7 @@ def _ffn_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gamma: Tensor,
         part_y = _rows_bwd(g, ln=(saved, gamma, mean, rstd), dx=dz, dy=dy, seed=seed + 1, p=p)
 
     dh = torch.empty(M, hidden, device=x.device, dtype=dtype)
-    cfg = _linear1_config(M, w2.element_size())
+    cfg = _linear1_config(M, _kind(dtype))
     db1_part = torch.empty(triton.cdiv(M, cfg["BLOCK_M"]), hidden, device=x.device, dtype=torch.float32)
     _linear1(dy, w2, None, dh, trans_b=False, h=h, dbias_part=db1_part, seed=seed, p=p)
 
@@ -430,7 +456,8 @@ def ffn_keep_masks(seed: int, rows: int, hidden: int, d_model: int, dropout_p: f
     masks = []
     for s, n in ((seed, hidden), (seed + 1, d_model)):
         keep = torch.empty(rows, n, device=device, dtype=torch.bool)
-        block = 1024
-        _keep_mask_kernel[(triton.cdiv(keep.numel(), block),)](keep, keep.numel(), s, dropout_p, BLOCK=block)
+        cfg = _KEEP_MASK_CONFIG
+        grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+        _keep_mask_kernel[grid](keep, rows, n, s, dropout_p, **cfg)
         masks.append(keep)
     return masks[0], masks[1]
