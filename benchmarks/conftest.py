@@ -2,8 +2,15 @@ import functools
 import time
 
 import pytest
+import torch
 
 import harness
+
+
+def pytest_configure(config):
+    # torch.compile guards on dtype, grad mode, autocast and training mode: a suite compiles several variants of
+    # one function, more than dynamo's default limit of 8.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 def pytest_addoption(parser):

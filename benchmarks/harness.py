@@ -7,7 +7,8 @@ reference path at tiny shapes, so `pytest benchmarks/ --benchmark-only` is usefu
 Timing: explicit warm-up (Triton JIT, torch.compile, cuBLAS heuristics), then pytest-benchmark's pedantic mode,
 one step per round. On CUDA every round is timed with CUDA events around the step and a synchronisation after
 it, and the L2 cache is flushed before the round (pedantic's untimed setup), so the inputs come from DRAM as they
-would in a real step. On CPU the host clock times each round.
+would in a real step. On CPU the host clock times each round. `step_peak_mib` is the CUDA memory a step allocates
+beyond what is already resident (inputs, parameters).
 
 Floor: the time no implementation can beat on this machine, max(compulsory bytes / measured copy bandwidth,
 matmul flops / measured matmul rate, kernels * measured launch cost), where the compulsory bytes are every input
@@ -48,13 +49,9 @@ GPU_SHORT_SIDE, CPU_SHORT_SIDE = 800, 192
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 WARMUP = 3
-GPU_ROUNDS, CPU_ROUNDS = (5, 50), (3, 10)  # bounds on timed rounds; aim at ~0.25 s of rounds per case
-ROUNDS_SECONDS = 0.25
+GPU_ROUNDS, CPU_ROUNDS = (5, 40), (3, 10)  # bounds on timed rounds; aim at ~0.2 s of rounds per case
+ROUNDS_SECONDS = 0.2
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2 cache
-
-# torch.compile guards on dtype, grad mode and autocast: every suite compiles several variants of one function.
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-
 
 @dataclass(frozen=True)
 class Spec:
@@ -110,13 +107,17 @@ def cases(shapes: Sequence[str], impls: Iterable[str], backward: Sequence[bool] 
 
 # ------------------------------------------------------------------------------------------------- inputs
 
-def feature_mask(spec: Spec) -> Tensor:
+def c5_mask(batch: int, short_side: int = GPU_SHORT_SIDE) -> Tensor:
     """The C5 padding mask [B, h, w] (True = padding) of a batch of COCO-like images, made as DETR makes it:
     zero-padded into one batch, then resized to the stride-32 feature map."""
-    sizes = coco_like_image_sizes(spec.batch, spec.short_side)
+    sizes = coco_like_image_sizes(batch, short_side)
     mask = nested_tensor_from_tensor_list([torch.zeros(1, h, w) for h, w in sizes]).mask
     feature = (math.ceil(mask.shape[1] / 32), math.ceil(mask.shape[2] / 32))
-    return F.interpolate(mask[None].float(), size=feature).to(torch.bool)[0].to(spec.device)
+    return F.interpolate(mask[None].float(), size=feature).to(torch.bool)[0]
+
+
+def feature_mask(spec: Spec) -> Tensor:
+    return c5_mask(spec.batch, spec.short_side).to(spec.device)
 
 
 def mask_info(mask: Tensor) -> Dict[str, float]:
@@ -271,13 +272,13 @@ def _matmul_flops(reference: Callable[[], object], spec: Spec, leaves: Sequence[
     return counter.get_total_flops()
 
 
-def floor(machine: Machine, spec: Spec, reference: Callable[[], object], reads: Sequence[Tensor],
-          writes: Sequence[Tensor], leaves: Sequence[Tensor]) -> Floor:
-    """The floor of a case (`reference`: its computation through the reference path): see the module
-    docstring."""
-    moved = _nbytes(reads) + _nbytes(writes)
+def floor(machine: Machine, spec: Spec, reference: Callable[[], object], reads: Sequence[Tensor], written: int,
+          leaves: Sequence[Tensor]) -> Floor:
+    """The floor of a case (`reference`: its computation through the reference path; written: its output bytes):
+    see the module docstring."""
+    moved = _nbytes(reads) + written
     if spec.backward:
-        moved += _nbytes(writes) + sum(t.nbytes for t in leaves)  # incoming and outgoing gradients
+        moved += written + _nbytes(leaves)  # incoming and outgoing gradients
     flops = _matmul_flops(reference, spec, leaves)
     terms = {"memory": moved / machine.copy_bytes_per_s,
              "compute": flops / machine.matmul_flops_per_s[spec.dtype],
@@ -286,17 +287,17 @@ def floor(machine: Machine, spec: Spec, reference: Callable[[], object], reads: 
     return Floor(terms[bound], bound, moved, flops)
 
 
-def one_pass(fn: Callable[[], object], spec: Spec, leaves: Sequence[Tensor]) -> Callable[[], object]:
-    """fn's forward (inference: no autograd) or its forward and backward into `leaves` (gradients returned,
-    not accumulated, so every implementation does the same work)."""
+def one_pass(fn: Callable[[], object], spec: Spec, leaves: Sequence[Tensor]) -> Tuple[Callable[[], object], int]:
+    """fn's forward (inference: no autograd) or its forward and backward into `leaves` (gradients returned, not
+    accumulated, so every implementation does the same work); and the bytes of fn's outputs, from a first call."""
     if not spec.backward:
-        return torch.no_grad()(fn)
+        forward = torch.no_grad()(fn)
+        return forward, _nbytes(_outputs(forward()))
     grads = [torch.randn_like(t) for t in _outputs(fn())]
 
     def forward_backward():
-        outputs = _outputs(fn())
-        return torch.autograd.grad(outputs, leaves, grads)
-    return forward_backward
+        return torch.autograd.grad(_outputs(fn()), leaves, grads)
+    return forward_backward, _nbytes(grads)
 
 
 def _rounds(seconds: float, spec: Spec) -> int:
@@ -318,16 +319,15 @@ def run_case(benchmark, machine: Callable[[str], Machine], spec: Spec, op: str, 
     reference: the same computation through the reference path, whose matmuls count the flops (default: fn).
     """
     benchmark.group = spec.group(op)
-    step = one_pass(fn, spec, leaves)
+    step, written = one_pass(fn, spec, leaves)
     for _ in range(WARMUP):
         step()
-    outputs = _outputs(torch.no_grad()(fn)())
     synchronize(spec.device)
     t0 = time.perf_counter()
     step()
     synchronize(spec.device)
     probe = time.perf_counter() - t0
-    bound = floor(machine(spec.device), spec, reference or fn, reads, outputs, leaves)
+    bound = floor(machine(spec.device), spec, reference or fn, reads, written, leaves)
 
     samples: List[float] = []
     if spec.device == "cuda":
