@@ -359,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.cpu and not torch.cuda.is_available():
         print("gpu_report: no CUDA device; use --cpu for a dry run of the pipeline", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the stages run from the repository root
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     results = run_stages(args, out)
