@@ -147,8 +147,9 @@ def position_embedding_sine(mask: Tensor, num_pos_feats: int = 64, temperature: 
     """The sine position embedding [B, 2F, H, W] (see `position_embedding_sine_reference`)."""
     if _use_triton(mask):
         from fastdetr.kernels import position_embedding_sine as position_embedding_kernel
+        # scale only applies with normalize (the module always carries its 2*pi default).
         return position_embedding_kernel(mask, num_pos_feats=num_pos_feats, temperature=temperature,
-                                         normalize=normalize, scale=scale, dtype=dtype)
+                                         normalize=normalize, scale=scale if normalize else None, dtype=dtype)
     return position_embedding_sine_reference(mask, num_pos_feats, temperature, normalize, scale, dtype)
 
 

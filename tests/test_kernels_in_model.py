@@ -47,3 +47,19 @@ def test_triton_path_matches_reference_forward_and_backward(normalize_before):
     for name in ref_grads:
         if "transformer" in name or "query_embed" in name:
             assert rel_err(grads[name], ref_grads[name]) < 1e-3, name
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_position_embedding_module_through_the_kernel(normalize):
+    from fastdetr.misc import NestedTensor
+    from fastdetr.position_encoding import PositionEmbeddingSine
+    mask = torch.zeros(2, 5, 7, dtype=torch.bool)
+    mask[1, 3:] = True
+    mask[1, :, 4:] = True
+    module = PositionEmbeddingSine(16, normalize=normalize)
+    features = NestedTensor(torch.zeros(2, 1, 5, 7), mask)
+    with fastdetr.use_kernels("reference"):
+        ref = module(features)
+    with fastdetr.use_kernels("triton"):
+        out = module(features)
+    assert torch.allclose(out, ref, atol=1e-5)
