@@ -1,7 +1,7 @@
 """fastdetr: DETR with Triton kernels for its transformer hot paths."""
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="fastdetr",
@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.9",
     # kernels/ lives at the top of the repository but is installed only as fastdetr.kernels: a top-level module
     # named `kernels` would clash with the PyPI package of that name.
-    packages=["fastdetr", "fastdetr.kernels"],
+    packages=find_packages(include=["fastdetr", "fastdetr.*"]) + ["fastdetr.kernels"],
     package_dir={"fastdetr": "fastdetr", "fastdetr.kernels": "kernels"},
     install_requires=[
         "torch>=2.3",

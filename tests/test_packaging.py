@@ -27,4 +27,6 @@ def test_wheel_maps_kernels_into_fastdetr(tmp_path):
     kernel_files = sorted(p.name for p in (ROOT / "kernels").glob("*.py"))
     assert sorted(n.split("/")[-1] for n in names if n.startswith("fastdetr/kernels/")) == kernel_files
     assert not [n for n in names if n.startswith("kernels/")]
+    for package in sorted(p.parent for p in (ROOT / "fastdetr").rglob("__init__.py")):
+        assert f"{package.relative_to(ROOT).as_posix()}/__init__.py" in names
 
