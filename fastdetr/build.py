@@ -46,7 +46,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model.add_argument("--pretrained_backbone", action="store_true",
                        help="start the backbone from torchvision's ImageNet weights (as the official code does)")
     model.add_argument("--num_classes", default=None, type=int,
-                       help="largest class id + 1 (default: 91 for coco, 20 otherwise)")
+                       help="largest class id + 1 (default: 91 for coco, 20 otherwise; "
+                            "the training CLI uses the dataset's largest category id + 1)")
 
     loss = parser.add_argument_group("loss")
     loss.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")

@@ -104,7 +104,7 @@ class SetCriterion(nn.Module):
         num_boxes = float(sum(len(t["labels"]) for t in targets))
         if not is_dist_avail_and_initialized():
             return max(num_boxes, 1.0)
-        total = torch.as_tensor([num_boxes], dtype=torch.float, device=device)
+        total = torch.tensor(num_boxes, dtype=torch.float, device=device)
         dist.all_reduce(total)
         return torch.clamp(total / get_world_size(), min=1)
 

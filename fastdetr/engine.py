@@ -84,12 +84,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
             outputs = _to_float(model(samples))
         try:
             loss_dict = criterion(outputs, targets)
-        except ValueError:
-            # the matcher's assignment fails first when the model has diverged to NaN predictions
-            if all(torch.isfinite(outputs[k]).all() for k in ("pred_logits", "pred_boxes")):
-                raise
-            raise FloatingPointError(f"non-finite model outputs at epoch {epoch}, iteration {i + 1}. Stopping; "
-                                     f"the last checkpoint is the one of the previous epoch. {_ADVICE}") from None
+        except FloatingPointError as error:  # the matcher meets diverged (NaN) predictions first
+            raise FloatingPointError(f"{error}: epoch {epoch}, iteration {i + 1}. Stopping; the last checkpoint "
+                                     f"is the one of the previous epoch. {_ADVICE}") from None
         stats = _stat_values(loss_dict, criterion.weight_dict)
 
         optimizer.zero_grad(set_to_none=True)

@@ -38,6 +38,9 @@ class HungarianMatcher(nn.Module):
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         # One device-to-host copy for the whole batch; scipy then solves each image's block.
         cost = cost.view(bs, num_queries, -1).float().cpu()
+        if not torch.isfinite(cost).all():
+            raise FloatingPointError("HungarianMatcher: the matching cost has NaN or inf entries; the predictions "
+                                     "are not finite (the model has diverged)")
         sizes = [len(v["boxes"]) for v in targets]
         indices = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
         return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
