@@ -46,7 +46,8 @@ def test_attention(bench, spec):
                     "decoder_self": (harness.QUERIES, harness.QUERIES, None)}[spec.shape]
     q, k, v = _heads(lq, spec), _heads(lk, spec), _heads(lk, spec)
     impl = IMPLS[spec.impl]
-    info = {"Lq": lq, "Lk": lk, "padded_keys": 0.0 if mask is None else harness.mask_info(feature_mask)["padded_fraction"]}
+    padded = 0.0 if mask is None else harness.mask_info(feature_mask)["padded_fraction"]
+    info = {"Lq": lq, "Lk": lk, "padded_keys": padded}
     bench(spec, "attention", lambda: impl(q, k, v, mask, spec.dropout),
           reads=[q, k, v] + ([] if mask is None else [mask]), leaves=(q, k, v),
           reference=lambda: _reference(q, k, v, mask, spec.dropout), info=info)

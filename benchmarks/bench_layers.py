@@ -26,7 +26,7 @@ def _memory_inputs(spec):
     return mask.flatten(1), harness.sine_embedding(mask).flatten(2).permute(2, 0, 1), harness.mask_info(mask)
 
 
-@pytest.mark.parametrize("spec", harness.cases(["encoder_layer"], IMPLS))
+@pytest.mark.parametrize("spec", harness.cases(["encoder"], IMPLS))
 def test_encoder_layer(bench, spec):
     layer = _layer(TransformerEncoderLayer, spec.device)
     mask, pos, info = _memory_inputs(spec)
@@ -37,7 +37,7 @@ def test_encoder_layer(bench, spec):
           info=info)
 
 
-@pytest.mark.parametrize("spec", harness.cases(["decoder_layer"], IMPLS))
+@pytest.mark.parametrize("spec", harness.cases(["decoder"], IMPLS))
 def test_decoder_layer(bench, spec):
     layer = _layer(TransformerDecoderLayer, spec.device)
     mask, pos, info = _memory_inputs(spec)

@@ -6,10 +6,14 @@ fp16 and bf16.
 Inputs are drawn in float64 and rounded to the dtype under test; the reference (fastdetr.ops) runs in float64 on
 the rounded values, so what is measured is the kernel's own error: max |kernel - reference| / max |reference| over
 the whole tensor. Tolerances: fp32 1e-5 (fp32 matmuls at "ieee" precision, which torch's default "highest" matmul
-precision selects), fp16 and bf16 1e-2. The position embedding has no float input: its dtype is the output's,
-and its reference computes positions in fp32 as the official code does. Dropout is off: its parity is checked
-by the interpreter tests in tests/, through the kernels' keep-mask debug paths. Exit status 1 when a check fails
-or cannot run; without CUDA nothing runs (exit status 0), unless asked for the CPU and Triton's interpreter.
+precision selects), fp16 and bf16 1e-2. Some gradients cannot meet 1e-2 in fp16 or bf16 whatever computes them:
+in the pre-norm FFN, LN(x) is rounded before linear1, pre-activations near zero change sign, and each flipped ReLU
+moves a weight gradient by a whole term. So a check also passes within twice the error of the reference path run
+in the same dtype (`eager_error`; the criterion of FlashAttention's tests); the report shows both numbers. The
+position embedding has no float input: its dtype is the output's, and its reference computes positions in fp32 as
+the official code does. Dropout is off: its parity is checked by the interpreter tests in tests/, through the
+kernels' keep-mask debug paths. Exit status 1 when a check fails or cannot run; without CUDA nothing runs (exit
+status 0), unless asked for the CPU and Triton's interpreter.
 """
 import argparse
 import json
@@ -26,6 +30,7 @@ from fastdetr import ops
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 1e-2}
+EAGER_FACTOR = 2.0  # a check passes within this multiple of the reference path's own error in the dtype
 NO_CUDA = "needs CUDA (tests/ checks the kernels on CPU through the Triton interpreter)"
 
 
@@ -37,11 +42,18 @@ class Check:
     quantity: str  # "out", "grad <input>", or "run" when the case raised before comparing
     tolerance: float
     error: Optional[float] = None
+    eager_error: Optional[float] = None  # of the reference path run in the same dtype
     failure: Optional[str] = None
 
     @property
+    def allowed(self) -> float:
+        if self.eager_error is None:
+            return self.tolerance
+        return max(self.tolerance, EAGER_FACTOR * self.eager_error)
+
+    @property
     def passed(self) -> bool:
-        return self.failure is None and self.error is not None and self.error <= self.tolerance
+        return self.failure is None and self.error is not None and self.error <= self.allowed
 
 
 def relative_error(value: Tensor, reference: Tensor) -> float:
@@ -51,27 +63,28 @@ def relative_error(value: Tensor, reference: Tensor) -> float:
 
 def compare(kernel: str, case: str, dtype: str, run_kernel: Callable, run_reference: Callable,
             inputs: Dict[str, Tensor], grads: Sequence[str] = ()) -> List[Check]:
-    """Run `run_kernel(tensors, dtype)` and `run_reference(tensors, float64)` on `inputs` (float64, rounded to
-    dtype first; other tensors as they are) and compare the outputs and the gradients of the inputs in `grads`."""
+    """Run `run_kernel(tensors, dtype)`, and `run_reference` in float64 and in dtype, on `inputs` (float64, rounded
+    to dtype first; other tensors as they are); compare the outputs and the gradients of the inputs in `grads`."""
     rounded = {n: t.to(DTYPES[dtype]) if t.is_floating_point() else t for n, t in inputs.items()}
 
     def leaves(cast):
         return {n: cast(t).requires_grad_(n in grads) if t.is_floating_point() else t for n, t in rounded.items()}
-    tested, reference = leaves(torch.clone), leaves(lambda t: t.double())  # clone keeps the strided layout
-    checks = []
+    # clone keeps the strided layout
+    tested, eager, exact = leaves(torch.clone), leaves(torch.clone), leaves(lambda t: t.double())
     try:
-        out = run_kernel(tested, DTYPES[dtype])
-        ref = run_reference(reference, torch.float64)
-        checks.append(Check(kernel, case, dtype, "out", TOLERANCE[dtype], relative_error(out, ref)))
+        outputs = [run_kernel(tested, DTYPES[dtype]), run_reference(eager, DTYPES[dtype]),
+                   run_reference(exact, torch.float64)]
+        results = [("out", outputs)]
         if grads:
-            grad_out = torch.randn(ref.shape, dtype=torch.float64, device=ref.device).to(out.dtype)
-            got = torch.autograd.grad(out, [tested[n] for n in grads], grad_out)
-            want = torch.autograd.grad(ref, [reference[n] for n in grads], grad_out.double())
-            checks += [Check(kernel, case, dtype, f"grad {n}", TOLERANCE[dtype], relative_error(a, b))
-                       for n, a, b in zip(grads, got, want)]
+            grad_out = torch.randn(outputs[2].shape, dtype=torch.float64, device=outputs[2].device)
+            grad_out = grad_out.to(outputs[0].dtype)  # rounded like the inputs: the same for every run
+            per_run = [torch.autograd.grad(out, [t[n] for n in grads], grad_out.to(out.dtype))
+                       for out, t in zip(outputs, (tested, eager, exact))]
+            results += [(f"grad {n}", [g[i] for g in per_run]) for i, n in enumerate(grads)]
     except Exception as error:  # a kernel that does not compile or launch is a result, not the end of the run
-        checks.append(Check(kernel, case, dtype, "run", TOLERANCE[dtype], failure=f"{type(error).__name__}: {error}"))
-    return checks
+        return [Check(kernel, case, dtype, "run", TOLERANCE[dtype], failure=f"{type(error).__name__}: {error}")]
+    return [Check(kernel, case, dtype, quantity, TOLERANCE[dtype], relative_error(got, want),
+                  relative_error(eager_got, want)) for quantity, (got, eager_got, want) in results]
 
 
 def _random_padding(batch: int, length: int, generator: torch.Generator) -> Tensor:
@@ -187,10 +200,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"parity: skipped, {NO_CUDA}")
     else:
         checks = run(args.kernel, args.device)
-        result = {"skipped": None, "checks": [{**asdict(c), "passed": c.passed} for c in checks]}
+        result = {"skipped": None, "checks": [{**asdict(c), "allowed": c.allowed, "passed": c.passed}
+                                              for c in checks]}
         for c in checks:
             verdict = "ok  " if c.passed else "FAIL"
-            detail = c.failure if c.failure else f"{c.error:.2e} (tolerance {c.tolerance:.0e})"
+            detail = c.failure or (f"{c.error:.2e} (reference path in {c.dtype}: {c.eager_error:.2e}; "
+                                   f"allowed {c.allowed:.1e})")
             print(f"{verdict} {c.kernel:18} {c.dtype:4} {c.quantity:20} {c.case}: {detail}")
         print(f"parity: {sum(c.passed for c in checks)} of {len(checks)} checks pass")
     if args.json:

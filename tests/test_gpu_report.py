@@ -42,9 +42,11 @@ def test_report_states_goals_parity_failures_and_failed_stages(tmp_path, monkeyp
     results = {
         "stages": [failing],
         "parity": [{"kernel": "attention", "case": "encoder", "dtype": "bf16", "quantity": "grad q",
-                    "tolerance": 1e-2, "error": 2e-3, "passed": True, "failure": None},
+                    "tolerance": 1e-2, "allowed": 1e-2, "error": 2e-3, "eager_error": 3e-3, "passed": True,
+                    "failure": None},
                    {"kernel": "ffn", "case": "all", "dtype": "-", "quantity": "run", "tolerance": math.nan,
-                    "error": None, "passed": False, "failure": "no result: see logs/parity-ffn.log"}],
+                    "allowed": math.nan, "error": None, "eager_error": None, "passed": False,
+                    "failure": "no result: see logs/parity-ffn.log"}],
         "parity_skipped": None, "e2e": None,
         "benchmarks": [_benchmark(harness, "attention", "encoder_self", "triton", 1.0),
                        _benchmark(harness, "attention", "encoder_self", "reference", 5.0),
