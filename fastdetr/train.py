@@ -32,12 +32,14 @@ from .engine import evaluate, train_one_epoch
 from .misc import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from .ops import MODES, use_kernels
 
-# The no-argument configuration: a model that learns the synthetic shapes in minutes. From scratch (trainable
-# BatchNorm, stem included, backbone at the full learning rate) since ImageNet weights may not be at hand.
+# The no-argument configuration: fits in about 9.5 minutes on two CPU cores (data generation included). From scratch
+# (trainable BatchNorm, stem included) since ImageNet weights may not be at hand. Measured there: with the transformer
+# at 2e-4..1e-3 classification did not take off within ~800 steps; transformer 1e-4 with backbone 1e-3 did. Small
+# images and batches buy steps (~2000 here), which DETR needs; it is still early in learning at the end (AP50 ~0.1).
 SYNTHETIC_CPU = dict(
     backbone="resnet18", backbone_norm="batch", train_backbone_stem=True, hidden_dim=128, dim_feedforward=512,
-    enc_layers=2, dec_layers=2, num_queries=20, dropout=0.0, lr=2e-4, lr_backbone=2e-4, batch_size=8, epochs=6,
-    lr_drop=5, min_size=160, max_size=256, num_workers=1, synthetic_train=1600, synthetic_val=200, print_freq=50,
+    enc_layers=2, dec_layers=2, num_queries=10, dropout=0.0, lr=1e-4, lr_backbone=1e-3, batch_size=4, epochs=8,
+    lr_drop=7, min_size=128, max_size=192, num_workers=1, synthetic_train=1000, synthetic_val=200, print_freq=50,
 )
 SYNTHETIC_CUDA = dict(
     SYNTHETIC_CPU, backbone="resnet34", hidden_dim=256, dim_feedforward=1024, enc_layers=3, dec_layers=3,
