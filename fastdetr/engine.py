@@ -42,7 +42,7 @@ class _Meter:
         self.keys, self.sums, self.count = None, None, 0
 
     def update(self, stats):
-        values = torch.stack([v.detach().float().reshape(()) for v in stats.values()])
+        values = torch.stack([v.detach().float() for v in stats.values()])
         if self.sums is None:
             self.keys, self.sums = list(stats), values
         else:
