@@ -22,9 +22,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from .build import RESNETS, build_model, default_args
+from .engine import train_step
 from .misc import NestedTensor, nested_tensor_from_tensor_list
 from .ops import use_kernels
 
@@ -144,24 +144,6 @@ def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=_LR, weight_decay=_WEIGHT_DECAY, fused=device.type == "cuda")
 
 
-def train_step(model, criterion, optimizer, samples, targets, autocast_dtype, timeline: Timeline) -> None:
-    """One step as fastdetr.engine.train_one_epoch takes it, without its logging (that module is not imported:
-    it needs pycocotools, which a benchmark machine may lack): the forward pass under autocast, matching and
-    losses on float32 outputs, backward, clipping, AdamW. Its phases are recorded on `timeline`."""
-    device = samples.tensors.device
-    with timeline.span("forward"), _autocast(device, autocast_dtype):
-        outputs = model(samples)
-    with timeline.span("criterion"):
-        loss_dict = criterion(tree_map(torch.Tensor.float, outputs), targets)
-        loss = sum(loss_dict[k] * w for k, w in criterion.weight_dict.items())
-    with timeline.span("backward"):
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-    with timeline.span("optimizer"):
-        nn.utils.clip_grad_norm_(model.parameters(), _CLIP_MAX_NORM)
-        optimizer.step()
-
-
 def _wait(device: torch.device) -> None:
     """Wait for the device without a synchronisation call, so the profiler counts only the step's own."""
     if device.type == "cuda":
@@ -233,7 +215,8 @@ def run_config(config: Config, args: argparse.Namespace, device: torch.device) -
     def training(timeline: Timeline) -> None:
         with _module_spans(timeline, {"backbone": model.backbone, "transformer": model.transformer,
                                       "matcher": criterion.matcher}):
-            train_step(model, criterion, optimizer, samples, targets, config.autocast, timeline)
+            train_step(model, criterion, optimizer, samples, targets, config.autocast, _CLIP_MAX_NORM,
+                       span=timeline.span)
 
     @torch.no_grad()
     def inference(timeline: Timeline) -> None:

@@ -8,7 +8,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from pycocotools.cocoeval import COCOeval
 
 from .misc import get_world_size, is_dist_avail_and_initialized, is_main_process
 
@@ -61,6 +60,40 @@ def _format(values, count):
     return "  ".join(f"{k}: {values[k] / count:.4f}" for k in SHOWN if k in values)
 
 
+def _no_span(name):
+    return contextlib.nullcontext()
+
+
+def train_step(model, criterion, optimizer, samples, targets, amp_dtype=None, max_norm: float = 0, scaler=None,
+               span=_no_span):
+    """One optimisation step: the forward pass under autocast (`amp_dtype`, None for full precision), matching and
+    losses on float32 outputs, backward (through `scaler` when it is enabled), clipping to `max_norm` (0: none),
+    the optimizer step. Returns the logged values on the device, without synchronising the host.
+
+    `span(name)` is entered around each phase ("forward", "criterion", "backward", "optimizer"); fastdetr.benchmark
+    times them with it.
+    """
+    scaling = scaler is not None and scaler.is_enabled()
+    with span("forward"), torch.autocast(samples.tensors.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        outputs = model(samples)
+    with span("criterion"):
+        stats = _stat_values(criterion(_to_float(outputs), targets), criterion.weight_dict)
+    with span("backward"):
+        optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(stats["loss"]) if scaling else stats["loss"]).backward()
+    with span("optimizer"):
+        if scaling:
+            scaler.unscale_(optimizer)
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if scaling:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    return stats
+
+
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm: float = 0, amp: str = "none",
                     scaler=None, print_freq: int = 10):
     """One pass over data_loader; returns the epoch averages of the official logged values and the lr.
@@ -80,28 +113,11 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         if device.type == "cuda":
             samples.tensors = samples.tensors.contiguous(memory_format=torch.channels_last)
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            outputs = _to_float(model(samples))
         try:
-            loss_dict = criterion(outputs, targets)
+            stats = train_step(model, criterion, optimizer, samples, targets, dtype, max_norm, scaler)
         except FloatingPointError as error:  # the matcher meets diverged (NaN) predictions first
             raise FloatingPointError(f"{error}: epoch {epoch}, iteration {i + 1}. Stopping; the last checkpoint "
                                      f"is the one of the previous epoch. {_ADVICE}") from None
-        stats = _stat_values(loss_dict, criterion.weight_dict)
-
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(stats["loss"]).backward()
-            scaler.unscale_(optimizer)
-        else:
-            stats["loss"].backward()
-        if max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        if scaler is not None and scaler.is_enabled():
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
         meter.update(stats)
 
         if (i + 1) % print_freq == 0 or i + 1 == num_iters:
@@ -142,6 +158,8 @@ def _quiet():
 
 def coco_evaluate(coco_gt, results):
     """COCOeval of `results` (COCO results format) against the COCO object `coco_gt`: (COCOeval, 12-line summary)."""
+    from pycocotools.cocoeval import COCOeval  # imported here: training steps and fastdetr.benchmark need none
+
     if not results:
         raise ValueError("no detections to evaluate (empty validation set?)")
     with _quiet():
