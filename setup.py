@@ -16,8 +16,8 @@ setup(
     packages=find_packages(include=["fastdetr", "fastdetr.*"]) + ["fastdetr.kernels"],
     package_dir={"fastdetr": "fastdetr", "fastdetr.kernels": "kernels"},
     install_requires=[
-        "torch>=2.3",
-        "torchvision>=0.18",
+        "torch>=2.6",  # torch.library.triton_op; CPU fused AdamW (2.4)
+        "torchvision>=0.21",
         "triton>=3.0; platform_system == 'Linux'",
         "pycocotools>=2.0",
         "scipy>=1.7",

@@ -64,6 +64,26 @@ def test_from_scratch_backbone_options():
     assert not any(p.requires_grad for p in frozen.backbone.parameters())
 
 
+def test_random_stem_kept_with_trainable_batch_norm():
+    """The no-argument CPU preset: BatchNorm everywhere, conv1 / bn1 / layer1 left at their random weights (still
+    normalising with batch statistics in training), layer2..4 trained."""
+    model, criterion, _ = tiny_model(backbone_norm="batch", train_backbone_stem=False)
+    body = model.backbone[0].body
+    trainable = {n.split(".")[2] for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}
+    stem = {n: p.detach().clone() for n, p in body.named_parameters() if not p.requires_grad}
+    stem_mean = body.bn1.running_mean.clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3]])}] * 2
+    model.train()
+    losses = criterion(model([torch.randn(3, 64, 80), torch.randn(3, 48, 96)]), targets)
+    sum(losses[k] * w for k, w in criterion.weight_dict.items()).backward()
+    optimizer.step()
+    assert body.conv1.weight.grad is None and body.layer2[0].conv1.weight.grad is not None
+    assert all(torch.equal(p, stem[n]) for n, p in body.named_parameters() if n in stem)
+    assert not torch.equal(body.bn1.running_mean, stem_mean)
+
+
 def test_three_input_forms_give_the_same_outputs():
     model, _, _ = tiny_model()
     images = [torch.randn(3, 64, 80), torch.randn(3, 48, 96)]
