@@ -136,12 +136,12 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with the official parameter groups (the backbone at its own learning rate), fused on CUDA as
+    """AdamW with the official parameter groups (the backbone at its own learning rate), fused as
     fastdetr.train makes it."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if "backbone" not in n]},
               {"params": [p for n, p in named if "backbone" in n], "lr": _LR_BACKBONE}]
-    return torch.optim.AdamW(groups, lr=_LR, weight_decay=_WEIGHT_DECAY, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=_LR, weight_decay=_WEIGHT_DECAY, fused=device.type in ("cuda", "cpu"))
 
 
 def _wait(device: torch.device) -> None:

@@ -42,7 +42,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model.add_argument("--backbone_norm", default="frozen", choices=NORMS,
                        help="'frozen' is the official FrozenBatchNorm2d; 'batch' trains BatchNorm (from scratch)")
     model.add_argument("--train_backbone_stem", action="store_true",
-                       help="also train conv1 and layer1 of the backbone (officially frozen; needed from scratch)")
+                       help="also train conv1 and layer1 of the backbone (officially frozen; from scratch they "
+                            "otherwise keep their random weights)")
     model.add_argument("--pretrained_backbone", action="store_true",
                        help="start the backbone from torchvision's ImageNet weights (as the official code does)")
     model.add_argument("--num_classes", default=None, type=int,
