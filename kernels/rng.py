@@ -1,0 +1,99 @@
+"""Dropout bits for every fastdetr kernel: 16 keep decisions from one Philox call, seeds that live on the device.
+
+Bits. Element (row r, column c) of a dropout site is kept iff
+
+    byte (c % 4) of word ((c % 16) // 4) of Philox4x32-7(key=seed, counter=(r, c // 16, stream, 0)) < threshold
+
+(bytes little-endian, words in Philox's output order). One Philox call (7 rounds: about 30 integer
+instructions) decides 16 elements, where `tl.rand` spends a 10-round call on each: FlashAttention's scheme. The
+bits depend only on (seed, stream, row, column), never on tile shapes, so a backward kernel with other tiles, or
+transposed ones, regenerates exactly the forward's mask and nothing is stored. Column groups of 16 must start at
+multiples of 16 in every tile (block sizes are multiples of 16). Philox4x32-7 passes BigCrush (Salmon et al.,
+SC'11, the Random123 paper); the Random123 default of 10 rounds buys margin that dropout does not need.
+
+Quantisation. An 8-bit comparison keeps with probability threshold / 256, threshold = round(256 (1 - p)):
+p = 0.1 keeps 230/256 = 0.8984 (an effective p of 0.1016). Kept values are scaled by 256 / threshold, the
+inverse of the probability actually used, so the output's expectation equals the input's exactly (F.dropout's
+contract); only the variance differs from p's by that 0.16 %. `keep_threshold` refuses a p that rounds to keep
+everything (p < 1/512) or nothing.
+
+Seeds. `draw_seed(device)` is one int64 drawn by torch's generator of that device into a device tensor: no host
+synchronisation, the CPU generator (data augmentation's) untouched, `torch.manual_seed` reproduces it, and a
+captured CUDA graph draws a fresh seed on each replay (torch advances its Philox offset per replay), so its
+masks change. The kernels load the seed from that tensor; it is never a compile-time specialisation.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+PHILOX_ROUNDS = tl.constexpr(7)
+DECISIONS_PER_CALL = 16
+_BYTE_SHIFTS = (0, 8, 16, 24)
+
+
+def keep_threshold(p: float) -> int:
+    """The 8-bit threshold (kept iff a random byte < threshold) for dropout probability p."""
+    threshold = round(256 * (1.0 - p))
+    if not 1 <= threshold <= 255:
+        raise ValueError(f"dropout probability {p} rounds to keeping {threshold}/256 of the elements with 8-bit "
+                         f"dropout bits; use p in [1/512, 1 - 1/512], or p = 0 for no dropout")
+    return threshold
+
+
+def keep_scale(p: float) -> float:
+    """The scale of kept values: the inverse of the quantised keep probability."""
+    return 256.0 / keep_threshold(p)
+
+
+def effective_dropout_p(p: float) -> float:
+    """The dropout probability the kernels actually apply for a requested p."""
+    return 1.0 - keep_threshold(p) / 256.0
+
+
+def draw_seed(device) -> Tensor:
+    """A fresh Philox key: int64 tensor [1] on `device`, from that device's torch generator."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+@triton.jit
+def philox_keep(seed, stream, rows, col_start, threshold, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Keep mask [BLOCK_ROWS, BLOCK_COLS] bool of columns col_start + arange(BLOCK_COLS) for the rows `rows`
+    ([BLOCK_ROWS] int), in dropout stream `stream` (e.g. batch * heads + head). col_start % 16 == 0."""
+    tl.static_assert(BLOCK_COLS % 16 == 0, "dropout tiles hold whole groups of 16 columns")
+    GROUPS: tl.constexpr = BLOCK_COLS // 16
+    groups = col_start // 16 + tl.arange(0, GROUPS)
+    c0 = tl.broadcast_to(rows[:, None], [BLOCK_ROWS, GROUPS]).to(tl.uint32)
+    c1 = tl.broadcast_to(groups[None, :], [BLOCK_ROWS, GROUPS]).to(tl.uint32)
+    c2 = c0 * 0 + stream.to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c0 * 0, PHILOX_ROUNDS)
+    # join appends a minor axis: [..., k, s] = (k=0: w0, w1; k=1: w2, w3), so flattening gives w0 w1 w2 w3.
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_ROWS, GROUPS * 4])
+    shifts = tl.arange(0, 4) * 8
+    random_bytes = (words[:, :, None] >> shifts[None, None, :].to(tl.uint32)) & 0xFF
+    random_bytes = tl.reshape(random_bytes, [BLOCK_ROWS, BLOCK_COLS])
+    return random_bytes.to(tl.int32) < threshold
+
+
+@triton.jit(do_not_specialize=["rows", "cols", "stream", "threshold"])
+def _keep_mask_kernel(Keep, Seed, rows, cols, stream, threshold, BLOCK_ROWS: tl.constexpr,
+                      BLOCK_COLS: tl.constexpr):
+    offs_r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    col_start = tl.program_id(1) * BLOCK_COLS
+    offs_c = col_start + tl.arange(0, BLOCK_COLS)
+    keep = philox_keep(tl.load(Seed), stream, offs_r, col_start, threshold, BLOCK_ROWS, BLOCK_COLS)
+    tl.store(Keep + offs_r[:, None].to(tl.int64) * cols + offs_c[None, :], keep,
+             mask=(offs_r[:, None] < rows) & (offs_c[None, :] < cols))
+
+
+KEEP_MASK_BLOCK = (32, 64)
+
+
+def keep_mask(seed: Tensor, stream: int, rows: int, cols: int, p: float) -> Tensor:
+    """The keep mask [rows, cols] bool that `philox_keep` gives for (seed, stream, p): for tests and debugging."""
+    keep = torch.empty((rows, cols), dtype=torch.bool, device=seed.device)
+    block_rows, block_cols = KEEP_MASK_BLOCK
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))
+    _keep_mask_kernel[grid](keep, seed, rows, cols, stream, keep_threshold(p), BLOCK_ROWS=block_rows,
+                            BLOCK_COLS=block_cols, num_warps=4)
+    return keep
