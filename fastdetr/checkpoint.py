@@ -1,7 +1,11 @@
-"""Loading checkpoints (official or fastdetr's) safely: weights_only unpickling with a small allow-list."""
+"""Checkpoints: loading them safely (weights_only unpickling with a small allow-list), reading a model's
+architecture from one, and writing them atomically without ever replacing a good one with diverged weights."""
 import argparse
+import errno
 import os
+import re
 import warnings
+from pathlib import Path
 from typing import Dict, Mapping, Union
 
 import torch
@@ -9,6 +13,15 @@ from torch import nn
 
 # What official DETR checkpoints hold besides tensors and plain containers: the training arguments.
 SAFE_GLOBALS = [argparse.Namespace]
+
+# The arguments that decide the model's structure: on --resume, --finetune, --eval and in predict they come from the
+# checkpoint. The shapes of the weights tell all but nheads and dilation, which come from its saved arguments.
+ARCHITECTURE = ("backbone", "dilation", "backbone_norm", "position_embedding", "hidden_dim", "nheads", "enc_layers",
+                "dec_layers", "dim_feedforward", "num_queries", "pre_norm", "num_classes")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, used or written; the message names the file and the problem."""
 
 
 def safe_load(path: Union[str, os.PathLike], map_location="cpu"):
@@ -20,7 +33,52 @@ def safe_load(path: Union[str, os.PathLike], map_location="cpu"):
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise RuntimeError(f"could not load checkpoint {path}: {error}") from error
+        raise CheckpointError(f"could not load checkpoint {path}: {error}") from error
+
+
+def _state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
+    state_dict = dict(checkpoint["model"] if "model" in checkpoint else checkpoint)
+    if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from a DDP wrapper
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _count(state_dict, pattern):
+    return len({m.group(1) for k in state_dict if (m := re.match(pattern, k))})
+
+
+def checkpoint_architecture(checkpoint: Mapping, name: str = "the checkpoint", dilation: bool = False) -> dict:
+    """The ARCHITECTURE arguments of a DETR checkpoint, read from the shapes of its weights; nheads and dilation from
+    its saved arguments (official checkpoints have none: 8 heads, and `dilation` as given). Raises CheckpointError
+    naming `name` for anything that is not a DETR checkpoint."""
+    state = _state_dict(checkpoint) if isinstance(checkpoint, Mapping) else {}
+    needed = ("query_embed.weight", "class_embed.weight", "transformer.decoder.layers.0.linear1.weight",
+              "backbone.0.body.conv1.weight")
+    absent = [k for k in needed if not isinstance(state.get(k), torch.Tensor)]
+    if absent:
+        raise CheckpointError(f"{name} is not a DETR checkpoint (no {', '.join(absent)}); expected an official DETR "
+                              "checkpoint or one written by fastdetr.train")
+    saved = vars(checkpoint.get("args") or argparse.Namespace())
+    bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state
+    layer3 = _count(state, r"backbone\.0\.body\.layer3\.(\d+)\.")
+    backbones = {(True, 6): "resnet50", (True, 23): "resnet101", (False, 2): "resnet18", (False, 6): "resnet34"}
+    if (bottleneck, layer3) not in backbones:
+        raise CheckpointError(f"{name}: its backbone is not a ResNet-18/34/50/101 ({layer3} blocks in layer3)")
+    num_queries, hidden_dim = state["query_embed.weight"].shape
+    return {
+        "backbone": backbones[bottleneck, layer3],
+        "dilation": bool(saved.get("dilation", dilation)),
+        "backbone_norm": "batch" if "backbone.0.body.bn1.num_batches_tracked" in state else "frozen",
+        "position_embedding": "learned" if "backbone.1.row_embed.weight" in state else "sine",
+        "hidden_dim": hidden_dim,
+        "nheads": saved.get("nheads", 8),
+        "enc_layers": _count(state, r"transformer\.encoder\.layers\.(\d+)\."),
+        "dec_layers": _count(state, r"transformer\.decoder\.layers\.(\d+)\."),
+        "dim_feedforward": state["transformer.decoder.layers.0.linear1.weight"].shape[0],
+        "num_queries": num_queries,
+        "pre_norm": "transformer.encoder.norm.weight" in state,
+        "num_classes": state["class_embed.weight"].shape[0] - 1,
+    }
 
 
 def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, os.PathLike, Mapping], strict: bool = True):
@@ -33,9 +91,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, os.PathLike
         checkpoint = path_or_state_dict
     else:
         checkpoint = safe_load(path_or_state_dict)
-    state_dict: Dict[str, torch.Tensor] = dict(checkpoint["model"] if "model" in checkpoint else checkpoint)
-    if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from a DDP wrapper
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    state_dict = _state_dict(checkpoint)
 
     dropped = []
     head = getattr(model, "class_embed", None)
@@ -53,3 +109,62 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, os.PathLike
         raise RuntimeError(f"checkpoint does not match the model: missing keys {missing}, "
                            f"unexpected keys {result.unexpected_keys}")
     return result
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping, name: str = "the checkpoint"):
+    """Raise CheckpointError unless `state` (an optimizer state dict) has the groups, sizes and state shapes of
+    `optimizer`: loading a mismatched one makes fused AdamW fail inside its kernel, or crash the process."""
+    groups = state.get("param_groups", [])
+    ours = [len(group["params"]) for group in optimizer.param_groups]
+    theirs = [len(group["params"]) for group in groups]
+    problem = None if ours == theirs else f"parameter groups of {theirs} tensors, the model's optimizer {ours}"
+    shapes = dict(zip((i for group in groups for i in group["params"]),
+                      (p.shape for group in optimizer.param_groups for p in group["params"])))
+    for i, values in state.get("state", {}).items():
+        for key, value in values.items():
+            if problem is None and key != "step" and torch.is_tensor(value) and value.shape != shapes.get(i):
+                problem = f"{key} of shape {tuple(value.shape)} for a parameter of shape {tuple(shapes.get(i, ()))}"
+    if problem:
+        raise CheckpointError(f"{name}: its optimizer state does not fit this model ({problem}); the trainable "
+                              "parameters differ (class count, --lr_backbone 0, --train_backbone_stem?). To start a "
+                              "new run from its weights, use --finetune instead of --resume")
+
+
+def _non_finite(state_dict: Mapping) -> list:
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def save_checkpoint(checkpoint: Mapping, path: Union[str, os.PathLike]):
+    """torch.save `checkpoint` to `path` through a temporary file in the same folder, renamed when complete: an
+    interrupted or failed save leaves the previous file as it was and no partial file behind.
+
+    Refuses (FloatingPointError) weights that are not finite, so that a diverged run never replaces its last good
+    checkpoint; a write that fails (disk full, permissions) raises CheckpointError naming the path.
+    """
+    path = Path(path)
+    bad = _non_finite(checkpoint.get("model", {}))
+    if bad:
+        raise FloatingPointError(f"the weights are not finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}"
+                                 f"); not saving them over {path}, which keeps the last good weights")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path}: {_reason(error, path)}") from None
+
+
+def _reason(error: Exception, path: Path) -> str:
+    """One line for a failed write; torch.save reports a full disk as a RuntimeError of its zip writer."""
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"no permission to write in {path.parent} ({error.strerror})"
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"no space left on the device of {path.parent}"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    try:
+        free = os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize
+    except OSError:
+        return str(error).splitlines()[0]
+    return f"{str(error).splitlines()[0]} ({free / 2**20:.0f} MB free in {path.parent})"

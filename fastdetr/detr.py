@@ -27,7 +27,10 @@ class DETR(nn.Module):
         self.aux_loss = aux_loss
 
     def forward(self, samples: Union[NestedTensor, List[Tensor], Tensor]):
-        """samples: a NestedTensor, a list of [3, H, W] images or a [B, 3, H, W] batch.
+        """samples: a NestedTensor, a list of [3, H, W] images or a [B, 3, H, W] batch, as floating-point tensors
+        normalised like fastdetr.data.transforms.Normalize does (integer images, e.g. uint8, raise TypeError: their
+        scale is ambiguous). Pixels are not checked for finiteness, which would cost a device synchronisation per
+        call: NaN or infinite pixels give non-finite outputs, which the training loop reports.
 
         Returns a dict with pred_logits [B, Nq, num_classes + 1], pred_boxes [B, Nq, 4] (normalised cx, cy, w, h)
         and, with aux_loss, aux_outputs: the same two for every decoder layer but the last.
@@ -36,6 +39,13 @@ class DETR(nn.Module):
             if isinstance(samples, Tensor) and samples.ndim != 4:
                 raise ValueError(f"a batched image tensor must be [B, 3, H, W], got {tuple(samples.shape)}")
             samples = nested_tensor_from_tensor_list(samples)
+        images = samples.tensors
+        if not images.is_floating_point():
+            raise TypeError(f"DETR takes normalised floating-point images, got {images.dtype}: for uint8 pixels use "
+                            "fastdetr.data.transforms.Normalize (to_dtype with scale=True, then ImageNet mean/std)")
+        if images.shape[1] != 3:
+            raise ValueError(f"DETR takes RGB images (3 channels), got {images.shape[1]} in a batch of shape "
+                             f"{tuple(images.shape)}")
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
         hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]

@@ -5,7 +5,10 @@
 - --amp {none,bf16,fp16}, --kernels, --num_classes (default from the dataset), --finetune CKPT, --min_size and
   --max_size (the image scale), and ImageNet backbone weights when they can be had;
 - --output_dir defaults to ./outputs (an empty value still means "do not save");
-- checkpoints written atomically, with grad scaler and RNG states so that --resume continues exactly.
+- checkpoints written atomically, with grad scaler and RNG states so that --resume continues exactly;
+- one validation pass before training (fastdetr.validate): a mistake in the arguments, data, output folder or
+  checkpoint is reported in one line with exit code 2; on --resume, --finetune and --eval the architecture comes
+  from the checkpoint.
 
 Multi-GPU (or multi-process on CPU with gloo): ``torchrun --nproc_per_node=N -m fastdetr.train ...``.
 """
@@ -15,6 +18,7 @@ import datetime
 import json
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -26,11 +30,13 @@ import torchvision
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from . import build
-from .checkpoint import load_checkpoint, safe_load
+from .checkpoint import CheckpointError, check_optimizer_state, load_checkpoint, safe_load, save_checkpoint
 from .data import DataError, build_dataset, collate_fn, make_synthetic_coco
 from .engine import evaluate, train_one_epoch
 from .misc import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from .ops import MODES, use_kernels
+from .validate import (UsageError, changed_hyperparameters, check_args, check_datasets, check_free_space,
+                       check_output_dir, check_resumed_epochs, given_flags, take_architecture)
 
 # The no-argument configuration: about 8 minutes on two CPU cores (data generation included), trained from scratch
 # since ImageNet weights may not be at hand. Measured there (AP50 on the synthetic validation split, runs of equal
@@ -65,9 +71,16 @@ def get_args_parser():
                         help="do not look for ImageNet backbone weights (trainable BatchNorm is then advised)")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
                         help="mixed precision (default: bf16 on CUDA, none on CPU)")
-    parser.add_argument("--kernels", choices=MODES, default="auto", help="Triton kernels or the PyTorch reference")
-    parser.add_argument("--finetune", default="", help="start from these weights (path or URL); the class head is "
-                                                       "dropped when the class count differs")
+    parser.add_argument("--kernels", choices=MODES, default=None,
+                        help="Triton kernels or the PyTorch reference (default: FASTDETR_KERNELS, else auto)")
+    parser.add_argument("--finetune", default="", help="start a new run from these weights (path or URL), with "
+                                                       "their architecture; the class head is dropped when the "
+                                                       "class count differs")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="let a new run replace the checkpoint and log.txt of another run in --output_dir")
+    parser.add_argument("--bad_images", choices=("stop", "skip"), default="stop",
+                        help="an image file that cannot be decoded: stop with its name, or skip it with a warning "
+                             "(the next readable image takes its place)")
     parser.add_argument("--min_size", default=800, type=int, help="validation short side; training scales follow")
     parser.add_argument("--max_size", default=1333, type=int, help="longest image side")
     parser.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
@@ -83,6 +96,7 @@ def parse_args(argv=None):
         cuda = torch.device(known.device).type == "cuda"
         parser.set_defaults(**(SYNTHETIC_CUDA if cuda else SYNTHETIC_CPU), pretrained_backbone=False)
     args = parser.parse_args(argv)
+    args.given_flags = given_flags(parser, argv)
     args.synthetic = args.coco_path is None
     if args.amp is None:
         args.amp = "bf16" if torch.device(args.device).type == "cuda" else "none"
@@ -120,13 +134,6 @@ def load_file(path_or_url: str):
             torch.hub.download_url_to_file(path_or_url, str(cached))
         path_or_url = str(cached)
     return safe_load(path_or_url)
-
-
-def save_atomically(obj, path: Path):
-    """torch.save to a temporary file then rename: an interrupted save never leaves a truncated checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def rng_state(device):
@@ -199,21 +206,33 @@ def save_eval(output_dir: Path, coco_eval, summary, epoch=None):
     (output_dir / "eval").mkdir(exist_ok=True)
     names = ["latest"] + ([f"{epoch:03}"] if epoch is not None and epoch % 50 == 0 else [])
     for name in names:
-        save_atomically(coco_eval.eval, output_dir / "eval" / f"{name}.pth")
+        save_checkpoint(coco_eval.eval, output_dir / "eval" / f"{name}.pth")
         (output_dir / "eval" / f"{name}.txt").write_text(summary)
 
 
-def run(args):
-    """Train (or with args.eval, evaluate) as args say; returns the model (without DDP) and the last test stats."""
-    init_distributed_mode(args)
-    device = torch.device(args.device)
-    use_kernels(args.kernels)
-    torch.manual_seed(args.seed + get_rank())
-    random.seed(args.seed + get_rank())
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    if output_dir and is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
+def load_start_checkpoint(args):
+    """The --resume or --finetune checkpoint (None without one), its architecture taken into args."""
+    path = args.resume or args.finetune
+    if not path:
+        return None
+    flag = "--resume" if args.resume else "--finetune"
+    try:
+        checkpoint = load_file(path)
+    except (OSError, CheckpointError) as error:
+        raise UsageError(f"{flag} {path}: {error}") from None
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f"{flag} {path}: not a DETR checkpoint (a {type(checkpoint).__name__})")
+    try:
+        take_architecture(args, checkpoint, path, resume=bool(args.resume))
+    except CheckpointError as error:
+        raise UsageError(f"{flag} {error}") from None
+    if args.resume:
+        check_resumed_epochs(args, checkpoint, path)
+    return checkpoint
 
+
+def prepare_data(args):
+    """Both splits, checked against each other, the batch size and the model's classes."""
     if args.synthetic:
         root = synthetic_root(args)
         log(f"No --coco_path: using the synthetic shapes dataset in {root} (generated on first use)")
@@ -222,18 +241,74 @@ def run(args):
         if is_dist_avail_and_initialized():
             dist.barrier()
         args.coco_path = str(root)
+    try:
+        dataset_train = None if args.eval else build_dataset("train", args)
+        dataset_val = build_dataset("val", args)
+    except DataError as error:
+        raise UsageError(str(error)) from None
+    check_datasets(args, dataset_train, dataset_val, get_world_size(), args.resume)
+    return dataset_train, dataset_val
+
+
+def resume_training(args, checkpoint, optimizer, lr_scheduler, scaler, device):
+    """Continue from a checkpoint's optimizer, schedule, scaler and random states; changed hyper-parameters are
+    applied to them and reported."""
+    check_optimizer_state(optimizer, checkpoint["optimizer"], args.resume)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    changes = changed_hyperparameters(args, checkpoint)
+    if changes:
+        # the schedule the checkpoint's run would have had with these settings, at its current epoch
+        lr_scheduler.step_size = args.lr_drop
+        lr_scheduler.base_lrs = [args.lr, args.lr_backbone]
+        drops = lr_scheduler.last_epoch // args.lr_drop
+        for group, base in zip(optimizer.param_groups, lr_scheduler.base_lrs):
+            group.update(initial_lr=base, lr=base * lr_scheduler.gamma ** drops, weight_decay=args.weight_decay)
+        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        log("Resuming with changed settings, applied: " +
+            ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in changes.items()))
+    args.start_epoch = checkpoint["epoch"] + 1
+    if "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])
+    states = checkpoint.get("rng", [])
+    if len(states) == get_world_size():
+        set_rng_state(states[get_rank()], device)
+    else:
+        warnings.warn(f"random state not restored: the checkpoint has {len(states)} process states, this run "
+                      f"{get_world_size()} processes", stacklevel=2)
+
+
+def keep_log_before(output_dir: Path, epoch: int):
+    """log.txt without the epochs a resumed run trains again (resuming from an earlier checkpoint)."""
+    path = output_dir / "log.txt"
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if json.loads(line).get("epoch", -1) < epoch))
+
+
+def run(args):
+    """Train (or with args.eval, evaluate) as args say; returns the model (without DDP) and the last test stats.
+
+    Everything that can be checked before training is, first; those problems raise UsageError."""
+    init_distributed_mode(args)
+    device = torch.device(args.device)
+    use_kernels(check_args(args))
+    torch.manual_seed(args.seed + get_rank())
+    random.seed(args.seed + get_rank())
+    output_dir = check_output_dir(args)
+    checkpoint = load_start_checkpoint(args)
+    if args.eval and checkpoint is None:
+        warnings.warn("--eval without --resume evaluates an untrained model", stacklevel=2)
+    dataset_train, dataset_val = prepare_data(args)
+    class_names = (dataset_train or dataset_val).class_names
+    if args.synthetic and checkpoint is None:
         stem = "stem included" if args.train_backbone_stem else "stem (conv1, layer1) kept at its random weights"
         log(f"Training from scratch (no ImageNet weights): trainable BatchNorm, {stem}.")
     resolve_backbone_weights(args)
-
-    dataset_train = None if args.eval else build_dataset("train", args)
-    dataset_val = build_dataset("val", args)
-    if args.num_classes is None:
-        args.num_classes = (dataset_train or dataset_val).num_classes
-    class_names = (dataset_train or dataset_val).class_names
     log(args)
 
     model, criterion, postprocessors = build.build_model(args)
+    check_free_space(model, output_dir if is_main_process() and not args.eval else None)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -255,23 +330,17 @@ def run(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     sampler_train, loader_train, loader_val = make_loaders(args, dataset_train, dataset_val)
 
-    if args.finetune:
-        load_checkpoint(model_without_ddp, load_file(args.finetune))
-    if args.resume:
-        checkpoint = load_file(args.resume)
+    if checkpoint is not None:
         load_checkpoint(model_without_ddp, checkpoint)
-        if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            args.start_epoch = checkpoint["epoch"] + 1
-            if "scaler" in checkpoint:
-                scaler.load_state_dict(checkpoint["scaler"])
-            states = checkpoint.get("rng", [])
-            if len(states) == get_world_size():
-                set_rng_state(states[get_rank()], device)
-            else:
-                warnings.warn(f"random state not restored: the checkpoint has {len(states)} process states, this run "
-                              f"{get_world_size()} processes", stacklevel=2)
+        if args.resume and not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+            try:
+                resume_training(args, checkpoint, optimizer, lr_scheduler, scaler, device)
+            except CheckpointError as error:
+                raise UsageError(f"--resume {error}") from None
+            if output_dir and is_main_process():
+                keep_log_before(output_dir, args.start_epoch)
+    if output_dir and is_main_process() and not args.resume and not args.eval:
+        (output_dir / "log.txt").unlink(missing_ok=True)  # --overwrite_output_dir: the new run's log only
 
     evaluate_args = (postprocessors, loader_val, dataset_val.coco, device, args.amp, args.print_freq)
     if args.eval:
@@ -303,7 +372,7 @@ def run(args):
                 paths.append(output_dir / f"checkpoint{epoch:04}.pth")
             if is_main_process():
                 for path in paths:
-                    save_atomically(checkpoint, path)
+                    save_checkpoint(checkpoint, path)
         with rng_preserved(device):
             test_stats, coco_eval, summary = evaluate(model, criterion, *evaluate_args)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
@@ -330,12 +399,23 @@ def run(args):
     return model_without_ddp, test_stats
 
 
+def one_line(error: Exception) -> str:
+    """The message of an error, without the worker traceback DataLoader wraps around errors raised in workers."""
+    message = str(error).strip()
+    if "Original Traceback" in message:
+        message = re.sub(r"^[\w.]+: ", "", message.splitlines()[-1])
+    return message
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except (DataError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except UsageError as error:  # found before training: nothing spent
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    except (DataError, FloatingPointError, CheckpointError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(1)
     finally:
         if is_dist_avail_and_initialized():

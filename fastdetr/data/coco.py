@@ -2,20 +2,25 @@
 
 Bad data is handled as follows; everything else raises `DataError` naming the file and the problem:
 
-- an image file that is missing, truncated or not an image: `DataError` when the image is loaded;
-- grayscale, palette, CMYK and other modes are converted to RGB; images with transparency (RGBA, LA, palette with
-  a transparent colour) are composited over white first, so transparent pixels do not show whatever colour
-  happens to be stored under them;
+- an image file that is missing, truncated, not an image or over PIL's decompression-bomb limit: `DataError` naming
+  the file when the image is loaded, or with `skip_bad_images`, a warning and the next readable image instead;
+- grayscale, palette, CMYK, YCbCr, LAB, HSV and other modes are converted to RGB; 16-bit and 32-bit integer
+  grayscale (16-bit PNGs) are scaled from 0..65535, float grayscale from 0..1 (PIL alone would clip both to
+  0..255); images with transparency (RGBA, LA, premultiplied RGBa and La, palette with a transparent colour) are
+  composited over white first, so transparent pixels do not show whatever colour is stored under them;
 - boxes are clamped to the image; boxes left with zero or negative width or height are dropped;
 - crowd objects are dropped (COCOeval treats them as regions to ignore), so a crowd-only image, like an image with
   no annotations, is kept as an image with no objects;
 - an annotation without "area" gets its box area, one without "iscrowd" is not crowd;
 - an annotation file that is not JSON, or not COCO (no images, annotations or categories, an annotation without
-  a valid bbox or with an unknown category): `DataError` when the dataset is built.
+  a valid bbox or with an unknown category, two images, annotations or categories with the same id, which
+  pycocotools would silently merge): `DataError` when the dataset is built.
 """
-import json
+import sys
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
@@ -28,11 +33,20 @@ class DataError(RuntimeError):
     """A dataset file that cannot be used; the message names the file and the problem."""
 
 
+# Full scale of the grayscale modes that PIL's convert clips to 0..255 instead of scaling.
+_HIGH_DEPTH = {"I": 65535, "I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "F": 1.0}
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB version of any PIL image, transparency composited over white."""
+    if image.mode in _HIGH_DEPTH:
+        pixels = np.asarray(image, dtype=np.float64) * (255 / _HIGH_DEPTH[image.mode])
+        image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
+    if image.mode == "La":
+        image = image.convert("LA")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode in ("RGBA", "RGBa", "LA", "PA"):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image).convert("RGB")
@@ -56,6 +70,12 @@ def _validate_coco(dataset, ann_file) -> None:
         if not isinstance(category, dict) or not isinstance(category.get("id"), int) or category["id"] < 0:
             raise DataError(f"{ann_file}: category {str(category)[:80]} has no non-negative integer 'id'")
         category_ids.add(category["id"])
+    for key, entries in (("image", dataset["images"]), ("category", dataset["categories"]),
+                         ("annotation", [a for a in dataset["annotations"] if isinstance(a, dict) and "id" in a])):
+        repeated = [i for i, n in Counter(str(entry["id"]) for entry in entries).items() if n > 1]
+        if repeated:
+            raise DataError(f"{ann_file}: {key} id(s) {', '.join(repeated[:5])} used more than once; each {key} "
+                            "needs its own id (pycocotools would keep only one of them)")
     image_ids = {image["id"] for image in dataset["images"]}
     for ann in dataset["annotations"]:
         where = f"{ann_file}: annotation {ann.get('id', '?') if isinstance(ann, dict) else str(ann)[:80]}"
@@ -74,7 +94,7 @@ def _validate_coco(dataset, ann_file) -> None:
 class CocoDetection(torchvision.datasets.CocoDetection):
     """COCO images with targets in the official DETR format, after `transforms` (a callable on (image, target))."""
 
-    def __init__(self, img_folder, ann_file, transforms=None):
+    def __init__(self, img_folder, ann_file, transforms=None, skip_bad_images: bool = False):
         try:
             super().__init__(str(img_folder), str(ann_file))
         except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
@@ -84,6 +104,8 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         _validate_coco(self.coco.dataset, ann_file)
         self.ann_file = str(ann_file)
         self._transforms = transforms
+        self.skip_bad_images = skip_bad_images
+        self.skipped = 0  # unreadable images met by this process
         self.prepare = ConvertCocoPolysToMask()
         categories = self.coco.dataset["categories"]
         # the official rule: labels are category ids, so the classifier needs max id + 1 outputs
@@ -99,12 +121,27 @@ class CocoDetection(torchvision.datasets.CocoDetection):
             with Image.open(path) as image:
                 image.load()
                 return to_rgb(image)
+        except Image.DecompressionBombError as e:
+            raise DataError(f"{path}: refused as a possible decompression bomb ({e})") from None
         except (OSError, UnidentifiedImageError, SyntaxError) as e:
             raise DataError(f"{path}: cannot decode the image, truncated or corrupt ({e})") from None
 
+    def _readable(self, idx):
+        """(image id, image) of idx, or with skip_bad_images of the next readable image after it."""
+        for step in range(len(self.ids)):
+            image_id = self.ids[(idx + step) % len(self.ids)]
+            try:
+                return image_id, self._load_image(image_id)
+            except DataError as error:
+                if not self.skip_bad_images:
+                    raise
+                self.skipped += 1
+                print(f"warning: skipped ({self.skipped} so far in this process): {error}", file=sys.stderr,
+                      flush=True)
+        raise DataError(f"{self.ann_file}: none of its images can be read")
+
     def __getitem__(self, idx):
-        image_id = self.ids[idx]
-        image = self._load_image(image_id)
+        image_id, image = self._readable(idx)
         target = {"image_id": image_id, "annotations": self._load_target(image_id)}
         image, target = self.prepare(image, target)
         if self._transforms is not None:
@@ -154,4 +191,5 @@ def build(image_set: str, args):
             raise DataError(f"{path}: not found; expected the COCO layout {root}/train2017, {root}/val2017 and "
                             f"{root}/annotations/instances_{{train,val}}2017.json")
     transforms = make_coco_transforms(image_set, getattr(args, "min_size", 800), getattr(args, "max_size", 1333))
-    return CocoDetection(img_folder, ann_file, transforms=transforms)
+    return CocoDetection(img_folder, ann_file, transforms=transforms,
+                         skip_bad_images=getattr(args, "bad_images", "stop") == "skip")

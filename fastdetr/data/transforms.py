@@ -30,7 +30,8 @@ def get_size(image_size, size, max_size=None):
         min_original_size = float(min((w, h)))
         max_original_size = float(max((w, h)))
         if max_original_size / min_original_size * size > max_size:
-            size = int(round(max_size * min_original_size / max_original_size))
+            # at least one pixel: very elongated images (3000 x 2) would otherwise round to an empty side
+            size = max(1, int(round(max_size * min_original_size / max_original_size)))
     if (w <= h and w == size) or (h <= w and h == size):
         return h, w
     if w < h:
@@ -94,8 +95,9 @@ class RandomSizeCrop:
         self.max_size = max_size
 
     def __call__(self, image, target):
-        w = random.randint(self.min_size, min(image.width, self.max_size))
-        h = random.randint(self.min_size, min(image.height, self.max_size))
+        # an image side below min_size (a very elongated image) is kept whole
+        w = random.randint(min(self.min_size, image.width), min(image.width, self.max_size))
+        h = random.randint(min(self.min_size, image.height), min(image.height, self.max_size))
         # the draws of torchvision's RandomCrop.get_params
         top = torch.randint(0, image.height - h + 1, size=(1,)).item()
         left = torch.randint(0, image.width - w + 1, size=(1,)).item()
