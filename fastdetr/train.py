@@ -257,7 +257,7 @@ def resume_training(args, checkpoint, optimizer, lr_scheduler, scaler, device):
     optimizer.load_state_dict(checkpoint["optimizer"])
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     changes = changed_hyperparameters(args, checkpoint)
-    if changes:
+    if changes.keys() - {"epochs"}:
         # the schedule the checkpoint's run would have had with these settings, at its current epoch
         lr_scheduler.step_size = args.lr_drop
         lr_scheduler.base_lrs = [args.lr, args.lr_backbone]
@@ -265,6 +265,7 @@ def resume_training(args, checkpoint, optimizer, lr_scheduler, scaler, device):
         for group, base in zip(optimizer.param_groups, lr_scheduler.base_lrs):
             group.update(initial_lr=base, lr=base * lr_scheduler.gamma ** drops, weight_decay=args.weight_decay)
         lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if changes:
         log("Resuming with changed settings, applied: " +
             ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in changes.items()))
     args.start_epoch = checkpoint["epoch"] + 1
