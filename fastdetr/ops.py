@@ -21,13 +21,23 @@ from torch import Tensor
 MODES = ("auto", "triton", "reference")
 
 
-def _check_mode(mode: str) -> str:
+def _check_mode(mode: str, source: str = "kernel mode") -> str:
     if mode not in MODES:
-        raise ValueError(f"kernel mode must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"{source} must be one of {', '.join(MODES)}, got {mode!r}")
     return mode
 
 
-_mode = _check_mode(os.environ.get("FASTDETR_KERNELS", "auto").strip().lower() or "auto")
+# None until first needed: a bad FASTDETR_KERNELS is reported where the mode is used (by kernel_mode(), as a
+# ValueError naming the variable), not as an import error of every fastdetr command, --help included.
+_mode: Optional[str] = None
+
+
+def _current_mode() -> str:
+    global _mode
+    if _mode is None:
+        _mode = _check_mode(os.environ.get("FASTDETR_KERNELS", "auto").strip().lower() or "auto",
+                            "the environment variable FASTDETR_KERNELS")
+    return _mode
 
 
 class use_kernels:
@@ -42,8 +52,9 @@ class use_kernels:
 
     def __init__(self, mode: str):
         global _mode
+        checked = _check_mode(mode)
         self._previous = _mode
-        _mode = _check_mode(mode)
+        _mode = checked
 
     def __enter__(self):
         return self
@@ -55,8 +66,8 @@ class use_kernels:
 
 
 def kernel_mode() -> str:
-    """The current mode set by `use_kernels` or ``FASTDETR_KERNELS``."""
-    return _mode
+    """The current mode set by `use_kernels` or ``FASTDETR_KERNELS`` (ValueError if that variable is invalid)."""
+    return _current_mode()
 
 
 _triton_ok: Optional[bool] = None
@@ -75,9 +86,10 @@ def triton_available() -> bool:
 
 
 def _use_triton(tensor: Tensor) -> bool:
-    if _mode == "reference":
+    mode = _mode or _current_mode()
+    if mode == "reference":
         return False
-    if _mode == "triton":
+    if mode == "triton":
         if not triton_available():
             raise RuntimeError("use_kernels('triton') was asked for, but Triton or fastdetr.kernels does not import")
         return True

@@ -5,6 +5,7 @@ import errno
 import json
 import random
 import shutil
+import os
 import subprocess
 import sys
 
@@ -190,14 +191,19 @@ def test_triton_kernels_without_a_gpu(coco, tmp_path, capsys, monkeypatch):
 
 
 def test_a_bad_fastdetr_kernels_is_a_message(coco, tmp_path, capsys, monkeypatch):
-    def bad_mode():
-        raise ValueError("FASTDETR_KERNELS='bogus': must be one of auto, triton, reference")
-
-    monkeypatch.setattr(ops, "kernel_mode", bad_mode)
-    assert "FASTDETR_KERNELS" in fails(train, ["--coco_path", str(coco), *TINY, "--output_dir", str(tmp_path)],
-                                       capsys)
+    monkeypatch.setenv("FASTDETR_KERNELS", "bogus")
+    monkeypatch.setattr(ops, "_mode", None)  # as at import: read from the environment when first used
+    assert "FASTDETR_KERNELS must be one of auto, triton, reference, got 'bogus'" in fails(
+        train, ["--coco_path", str(coco), *TINY, "--output_dir", str(tmp_path)], capsys)
     image = sorted((coco / "val2017").glob("*.jpg"))[0]
     assert "FASTDETR_KERNELS" in fails(predict, [str(image), "--checkpoint", "x.pth"], capsys)
+
+
+def test_help_works_whatever_fastdetr_kernels_says():
+    env = {**os.environ, "FASTDETR_KERNELS": "bogus"}
+    result = subprocess.run([sys.executable, "-m", "fastdetr.train", "--help"], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0 and "--kernels" in result.stdout
 
 
 def test_usage_error_end_to_end_has_no_traceback(tmp_path):
