@@ -9,16 +9,38 @@ Numerics: scores and softmax statistics in fp32, computed in base 2 (exp2 of sco
 scale * log2(e)); the forward pass saves the row logsumexp (base 2) for the backward pass. A query whose keys are
 all masked gets output 0 and gradient 0: its logsumexp is stored as +inf, so every recomputed probability is 0.
 
-Dropout: the keep mask is Philox (tl.rand) keyed by (seed, batch*head) and counted by query*Lk + key, so the
-backward kernels regenerate exactly the forward's mask and it is never stored. `attention_dropout_mask`
-returns it for tests.
+Padding: DETR flattens an H x W feature map whose padding is a tail of each row plus a tail of rows, so the key
+blocks past a sample's last valid key hold nothing. Each program finds that end (`_valid_keys_end`, a scan of the
+sample's mask row, ~1 KB from L2) and its key loop stops there; the dK/dV program of a key block without a valid
+key skips its query sweep and writes zeros. Masked keys inside the range get probability 0 as before.
 
-Compilation: sequence lengths, the seed and the mask's batch stride (= Lk) are `do_not_specialize`, so a new
-image size does not compile a new kernel; the other strides stay specialised (multiples of 16 in practice,
-which keeps the loads vectorised). Launch configs come from a fixed table (`attention_configs`), no
-autotuning, so the ahead-of-time test can compile every config a launch may use.
+Dropout: the keep decisions are kernels/rng.py's Philox bits, 16 per Philox call: element (query i, key j) of head
+bh = b * H + h is kept iff byte j % 16 of Philox4x32-7(seed, (i, j // 16, bh, 0)) < threshold, threshold =
+round(256 (1 - p)), and kept probabilities are scaled by 256 / threshold (the quantised keep probability's
+inverse; p = 0.1 keeps 230/256). The seed is an int64 device tensor drawn by torch's generator of the device on
+each call (graph-safe, no host sync, the CPU generator untouched); the backward kernels regenerate exactly the
+forward's bits from it, whatever their tile shapes. `attention_dropout_mask` returns them for tests.
+
+Backward: FlashAttention-2's deterministic two-pass design, two launches. The dQ kernel owns a query tile, computes
+Delta = rowsum(dO * O) for it (the softmax backward's correction term; with dropout too, since O carries the
+dropout), stores Delta and sweeps the keys for dQ; the dK/dV kernel then owns a key tile and sweeps the queries,
+reading Delta. No atomics, so gradients are bitwise reproducible. With dropout (keep mask Z, scale s),
+dS = P * (Z dP s - Delta) = (P s) * (Z dP - Delta / s): the forward stores lse - log2 s, so exp2 gives P s
+directly, and the dQ kernel stores Delta / s; the per-element work gains only the keep selects.
+
+Configs: a small curated set per (head dim, operand kind) and kernel, ordered from the largest tile down
+(`attention_config_candidates`). Without measurements the static pick is the largest tile that still gives
+every SM a program at this call's shape (decoder attention has few query tiles); on a GPU the first call of each
+(kernel, head dim, dtype, dropout, length bucket) times the candidates and keeps the fastest (`autotune`), except
+under torch.compile or CUDA-graph capture, which take the static pick. Sequence lengths and the mask's batch
+stride are `do_not_specialize`, so a new image size compiles nothing.
+
+Binding: eager calls go through a plain torch.autograd.Function that launches the kernels directly (the least
+host work per call); under torch.compile the same host functions are the triton_ops `fastdetr::attention_fwd`
+and `fastdetr::attention_bwd`.
 """
-from typing import Dict, NamedTuple, Optional, Tuple
+import os
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -26,12 +48,17 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .rng import draw_seed, keep_mask, keep_scale, keep_threshold, philox_keep
+
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FP32_PRECISIONS = ("ieee", "tf32")
+KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
 
 # log2(e): the kernels work in base 2 (exp2 is the fast path).
 LOG2E = tl.constexpr(1.4426950408889634)
+# Mask bytes one step of the padding scan reads.
+SCAN_BLOCK = tl.constexpr(512)
 
 _fp32_precision = "ieee"
 
@@ -53,43 +80,80 @@ class KernelConfig(NamedTuple):
 
 
 _K = KernelConfig
-# head dim -> (fwd, bwd_dkdv, bwd_dq). Chosen ahead of time so that no config spills registers on sm_80 or
-# sm_90 with the mask and dropout on (tests/test_attention_aot.py); timings on a GPU are still owed.
-_CONFIGS = {
-    # fp16/bf16: D <= 32 (DETR) keeps 4 warps; bigger heads need 8 to hold the fp32 accumulators in registers.
-    "16bit": {16: (_K(64, 64, 4, 3), _K(32, 128, 4, 3), _K(128, 32, 4, 3)),
-              32: (_K(64, 64, 4, 3), _K(32, 128, 4, 3), _K(128, 32, 4, 3)),
-              64: (_K(128, 64, 8, 3), _K(32, 128, 8, 3), _K(128, 32, 8, 3)),
-              128: (_K(128, 64, 8, 3), _K(32, 64, 8, 3), _K(64, 32, 4, 3))},
-    # fp32 "ieee" runs tl.dot on FMA units with operands in registers: small tiles.
-    "ieee": {16: (_K(64, 32, 4, 2), _K(32, 32, 4, 2), _K(64, 32, 4, 2)),
-             32: (_K(64, 32, 4, 2), _K(32, 32, 4, 2), _K(64, 32, 4, 2)),
-             64: (_K(64, 32, 8, 2), _K(32, 64, 8, 2), _K(64, 32, 8, 2)),
-             128: (_K(32, 32, 8, 1), _K(32, 32, 4, 2), _K(32, 32, 4, 2))},
-    # fp32 "tf32": the MMA's M dimension (BLOCK_M, or BLOCK_N in the transposed dK/dV tiles) must be >= 64 for
-    # sm_90's wgmma.
-    "tf32": {16: (_K(64, 32, 4, 2), _K(32, 64, 4, 2), _K(64, 32, 4, 2)),
-             32: (_K(64, 32, 4, 2), _K(32, 64, 4, 2), _K(64, 32, 4, 2)),
-             64: (_K(64, 32, 8, 2), _K(32, 64, 8, 2), _K(64, 32, 8, 2)),
-             128: (_K(64, 32, 8, 1), _K(16, 64, 8, 1), _K(64, 32, 8, 1))},
+# (operand kind, head dim) -> kernel -> candidates, largest tile first. The tile that a kernel owns (queries for
+# fwd and dQ, keys for dK/dV) shrinks down the list; the swept dimension stays. Every candidate is compiled ahead
+# of time for sm_80 and sm_90 with the mask and dropout on (tests/test_attention_aot.py): it fits, spills
+# nothing and runs its products on tensor cores (mma.sync below 64-row tiles: wgmma needs 64).
+_SMALL_HEAD_16BIT = {"fwd": (_K(64, 64, 4, 3), _K(32, 64, 4, 3), _K(16, 64, 4, 3)),
+                     "bwd_dq": (_K(64, 64, 4, 3), _K(32, 64, 2, 3), _K(16, 64, 1, 3)),
+                     "bwd_dkdv": (_K(32, 64, 4, 3), _K(32, 32, 2, 3))}
+_CANDIDATES = {
+    "16bit": {16: _SMALL_HEAD_16BIT, 32: _SMALL_HEAD_16BIT,
+              64: {"fwd": (_K(128, 32, 8, 3), _K(64, 32, 4, 3), _K(32, 64, 4, 3)),
+                   "bwd_dq": (_K(128, 32, 8, 3), _K(64, 32, 4, 3), _K(32, 32, 4, 3)),
+                   "bwd_dkdv": (_K(32, 128, 8, 3), _K(32, 64, 4, 3))},
+              128: {"fwd": (_K(128, 64, 8, 3), _K(64, 32, 4, 3)), "bwd_dq": (_K(64, 32, 4, 3),),
+                    "bwd_dkdv": (_K(32, 64, 8, 3),)}},
+    # fp32 "ieee" runs tl.dot on FMA units with operands in registers: small tiles, one config each.
+    "ieee": {16: {"fwd": (_K(64, 32, 4, 2),), "bwd_dq": (_K(64, 32, 4, 2),), "bwd_dkdv": (_K(32, 32, 4, 2),)},
+             32: {"fwd": (_K(64, 32, 4, 2),), "bwd_dq": (_K(64, 32, 4, 2),), "bwd_dkdv": (_K(32, 32, 4, 2),)},
+             64: {"fwd": (_K(64, 32, 8, 2),), "bwd_dq": (_K(64, 32, 8, 2),), "bwd_dkdv": (_K(32, 64, 8, 2),)},
+             128: {"fwd": (_K(32, 16, 8, 1),), "bwd_dq": (_K(32, 16, 4, 2),), "bwd_dkdv": (_K(32, 16, 4, 2),)}},
+    # fp32 "tf32": sm_90's wgmma needs the MMA's M (BLOCK_M, or BLOCK_N in the transposed dK/dV tiles) >= 64.
+    "tf32": {16: {"fwd": (_K(64, 32, 4, 2),), "bwd_dq": (_K(64, 32, 4, 2),), "bwd_dkdv": (_K(32, 64, 4, 2),)},
+             32: {"fwd": (_K(64, 32, 4, 2),), "bwd_dq": (_K(64, 32, 4, 2),), "bwd_dkdv": (_K(32, 64, 4, 2),)},
+             64: {"fwd": (_K(64, 32, 8, 2),), "bwd_dq": (_K(64, 32, 8, 2),), "bwd_dkdv": (_K(32, 64, 8, 1),)},
+             128: {"fwd": (_K(64, 32, 8, 1),), "bwd_dq": (_K(32, 32, 4, 1),), "bwd_dkdv": (_K(32, 32, 8, 1),)}},
 }
-_PREPROCESS_CONFIG = KernelConfig(64, 0, 4, 1)  # no key loop: block_n unused
+# The GPU the static pick fills: H100/H200 (132 SMs); A100 has 108, so a pick that fills 132 fills it too.
+DEFAULT_SM_COUNT = 132
 
 
-def attention_configs(head_dim: int, dtype: torch.dtype, fp32_precision: str = "ieee") -> Dict[str, KernelConfig]:
-    """The launch config of each kernel ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq") for a head dim, dtype
-    and (fp32 only) dot precision. This table and DROPOUT_MASK_CONFIG are every config ever launched."""
+def _operand_kind(dtype: torch.dtype, fp32_precision: str) -> str:
+    return fp32_precision if dtype == torch.float32 else "16bit"
+
+
+def attention_config_candidates(head_dim: int, dtype: torch.dtype,
+                                fp32_precision: str = "ieee") -> Dict[str, Tuple[KernelConfig, ...]]:
+    """Every config each kernel ("fwd", "bwd_dq", "bwd_dkdv") may launch for a head dim, dtype and (fp32 only)
+    dot precision, largest tile first. This table and rng.KEEP_MASK_BLOCK are every config ever launched."""
     if head_dim not in HEAD_DIMS or dtype not in DTYPES or fp32_precision not in FP32_PRECISIONS:
         raise ValueError(f"attention supports head dims {HEAD_DIMS}, dtypes {DTYPES} and fp32 precisions "
                          f"{FP32_PRECISIONS}, got {head_dim}, {dtype} and {fp32_precision!r}")
-    fwd, dkdv, dq = _CONFIGS[fp32_precision if dtype == torch.float32 else "16bit"][head_dim]
-    return {"fwd": fwd, "bwd_preprocess": _PREPROCESS_CONFIG, "bwd_dkdv": dkdv, "bwd_dq": dq}
+    return _CANDIDATES[_operand_kind(dtype, fp32_precision)][head_dim]
 
 
-DROPOUT_MASK_CONFIG = KernelConfig(64, 64, 4, 1)
+def programs(kernel: str, cfg: KernelConfig, batch_heads: int, lq: int, lk: int) -> int:
+    """Programs (CTAs) one launch of `kernel` starts."""
+    owned = lk if kernel == "bwd_dkdv" else lq
+    tile = cfg.block_n if kernel == "bwd_dkdv" else cfg.block_m
+    return triton.cdiv(owned, tile) * batch_heads
+
+
+def static_pick(kernel: str, candidates: Tuple[KernelConfig, ...], batch_heads: int, lq: int, lk: int,
+                sm_count: int = DEFAULT_SM_COUNT) -> KernelConfig:
+    """The largest candidate tile that still starts a program on every SM; the smallest if none does."""
+    for cfg in candidates:
+        if programs(kernel, cfg, batch_heads, lq, lk) >= sm_count:
+            return cfg
+    return candidates[-1]
 
 
 # ------------------------------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _valid_keys_end(Mask, b, Lk, stride_mb, stride_mn, HAS_MASK: tl.constexpr):
+    """1 + the index of the sample's last valid key (0 when every key is padding); Lk without a mask."""
+    if HAS_MASK:
+        end = 0
+        for start in range(0, Lk, SCAN_BLOCK):
+            offs = start + tl.arange(0, SCAN_BLOCK)
+            pad = tl.load(Mask + b * stride_mb + offs * stride_mn, mask=offs < Lk, other=1)
+            end = tl.maximum(end, tl.max(tl.where(pad == 0, offs + 1, 0), 0))
+        return end
+    else:
+        return Lk
+
 
 @triton.jit
 def _key_valid(Mask, b, offs_n, Lk, stride_mb, stride_mn, HAS_MASK: tl.constexpr):
@@ -101,23 +165,14 @@ def _key_valid(Mask, b, offs_n, Lk, stride_mb, stride_mn, HAS_MASK: tl.constexpr
     return valid
 
 
-@triton.jit
-def _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p):
-    """Keep mask for the (query, key) pairs offs_m x offs_n (broadcastable index blocks) of head bh."""
-    # The (seed, head) pair is the Philox key (low and high 32 bits), the position within the head its
-    # counter: every element of every head gets its own random number, whatever the tile shapes.
-    key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)
-    return tl.rand(key, offs_m * Lk + offs_n) >= dropout_p
-
-
-@triton.jit(do_not_specialize=["stride_mb", "Lq", "Lk", "seed"])
-def _attn_fwd(Q, K, V, Mask, Out, LSE,
+@triton.jit(do_not_specialize=["stride_mb", "Lq", "Lk", "threshold"])
+def _attn_fwd(Q, K, V, Mask, Out, LSE, Seed,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_om, stride_od,
               stride_mb, stride_mn,
-              H, Lq, Lk, scale, dropout_p, seed,
+              H, Lq, Lk, scale, threshold, dropout_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One BLOCK_M tile of queries of one (batch, head): Out [BLOCK_M, D] and LSE [BLOCK_M] (base 2)."""
@@ -132,17 +187,20 @@ def _attn_fwd(Q, K, V, Mask, Out, LSE,
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     qk_scale = scale * LOG2E
+    kv_end = _valid_keys_end(Mask, b, Lk, stride_mb, stride_mn, HAS_MASK)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
 
     # A finite start for the running max keeps exp2(-inf - m) = 0 (not NaN) while every key seen is masked.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, Lk, BLOCK_N):
+    for start_n in range(0, kv_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_range = offs_n[:, None] < Lk
+        in_range = offs_n[:, None] < kv_end
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=in_range, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        valid = _key_valid(Mask, b, offs_n, Lk, stride_mb, stride_mn, HAS_MASK)
+        valid = _key_valid(Mask, b, offs_n, kv_end, stride_mb, stride_mn, HAS_MASK)
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
@@ -150,7 +208,7 @@ def _attn_fwd(Q, K, V, Mask, Out, LSE,
         # The softmax normaliser counts every probability; dropout only zeroes terms of the weighted sum.
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p), p, 0.0)
+            p = tl.where(philox_keep(seed, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N), p, 0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_range, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -159,22 +217,33 @@ def _attn_fwd(Q, K, V, Mask, Out, LSE,
     l_safe = tl.where(empty, 1.0, l_i)
     inv = 1.0 / l_safe
     if HAS_DROPOUT:
-        inv = inv / (1.0 - dropout_p)
+        inv = inv * dropout_scale
     out = acc * inv[:, None]
     tl.store(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
              + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=offs_m[:, None] < Lq)
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    lse = m_i + tl.math.log2(l_safe)
+    if HAS_DROPOUT:
+        # The backward kernels need P s (s = dropout_scale) = exp2(qk - (lse - log2 s)): stored so.
+        lse = lse - tl.math.log2(dropout_scale)
+    lse = tl.where(empty, float("inf"), lse)
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
-@triton.jit(do_not_specialize=["Lq"])
-def _attn_bwd_preprocess(Out, DO, Delta,
-                         stride_ob, stride_oh, stride_om, stride_od,
-                         stride_dob, stride_doh, stride_dom, stride_dod,
-                         H, Lq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Delta [BLOCK_M] = rowsum(dO * O), the softmax backward's correction term (valid with dropout too:
-    rowsum(P * dP) = rowsum(dO * O) when O already carries the dropout)."""
+@triton.jit(do_not_specialize=["stride_mb", "Lq", "Lk", "threshold"])
+def _attn_bwd_dq(Q, K, V, Out, DO, Mask, LSE, Delta, DQ, Seed,
+                 stride_qb, stride_qh, stride_qm, stride_qd,
+                 stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd,
+                 stride_ob, stride_oh, stride_om, stride_od,
+                 stride_dob, stride_doh, stride_dom, stride_dod,
+                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                 stride_mb, stride_mn,
+                 H, Lq, Lk, scale, threshold, dropout_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Delta [BLOCK_M] (stored for the dK/dV kernel) and dQ [BLOCK_M, D] of one query tile of one (batch, head),
+    sweeping the keys."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -182,24 +251,48 @@ def _attn_bwd_preprocess(Out, DO, Delta,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m[:, None] < Lq
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=rows, other=0.0)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=rows, other=0.0)
     do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
                  + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=rows, other=0.0)
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=rows, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DROPOUT:
+        # dS = P * (keep * dP * s - Delta) = (P s) * (keep * dP - Delta / s): with LSE already shifted by
+        # log2 s, the scale stays off the per-element path. Delta / s is what both kernels use.
+        delta = delta / dropout_scale
     tl.store(Delta + bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
+    lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    qk_scale = scale * LOG2E
+    kv_end = _valid_keys_end(Mask, b, Lk, stride_mb, stride_mn, HAS_MASK)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_range = offs_n[:, None] < kv_end
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=in_range, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_range, other=0.0)
+        valid = _key_valid(Mask, b, offs_n, kv_end, stride_mb, stride_mn, HAS_MASK)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.where(valid[None, :], tl.math.exp2(qk - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            dp = tl.where(philox_keep(seed, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N), dp, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    dq *= scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+             + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=rows)
 
 
-# The backward is FlashAttention-2's deterministic two-pass design: one kernel owns a K/V tile and sweeps the
-# queries for dK and dV, another owns a Q tile and sweeps the keys for dQ. Both recompute Q K^T and P (about a
-# third more MMA work than one sweep), but the alternative, one sweep with dQ accumulated by fp32 atomics, needs
-# an fp32 dQ buffer plus a conversion pass, contends on atomics when Lk / BLOCK_N is large (encoder: ~850 keys)
-# and makes gradients run-to-run nondeterministic. At DETR's head dim 32 the kernels are bound by memory
-# traffic and latency more than by MMA throughput, so the recompute is the cheaper price.
-# Measuring the two on a GPU is still owed (no GPU was available when this was written).
-
-@triton.jit(do_not_specialize=["stride_mb", "Lq", "Lk", "seed"])
-def _attn_bwd_dkdv(Q, K, V, DO, Mask, LSE, Delta, DK, DV,
+@triton.jit(do_not_specialize=["stride_mb", "Lq", "Lk", "threshold"])
+def _attn_bwd_dkdv(Q, K, V, DO, Mask, LSE, Delta, DK, DV, Seed,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
@@ -207,7 +300,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Mask, LSE, Delta, DK, DV,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                    stride_mb, stride_mn,
-                   H, Lq, Lk, scale, dropout_p, seed,
+                   H, Lq, Lk, scale, threshold, dropout_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dK, dV [BLOCK_N, D] of one key tile of one (batch, head), sweeping all queries (transposed tiles)."""
@@ -215,22 +308,26 @@ def _attn_bwd_dkdv(Q, K, V, DO, Mask, LSE, Delta, DK, DV,
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     keys = offs_n[:, None] < Lk
+    valid = _key_valid(Mask, b, offs_n, Lk, stride_mb, stride_mn, HAS_MASK)
+    # A tile of padding only has zero gradients: skip the sweep.
+    q_end = tl.where(tl.max(valid.to(tl.int32), 0) > 0, Lq, 0)
     k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
                 + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=keys, other=0.0)
     v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
                 + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=keys, other=0.0)
-    valid = _key_valid(Mask, b, offs_n, Lk, stride_mb, stride_mn, HAS_MASK)
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     qk_scale = scale * LOG2E
-    keep_scale = 1.0 / (1.0 - dropout_p)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for start_m in range(0, Lq, BLOCK_M):
+    for start_m in range(0, q_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows = offs_m[:, None] < Lq
         q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=rows, other=0.0)
@@ -238,13 +335,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, Mask, LSE, Delta, DK, DV,
         # +inf past the last query makes those probabilities 0, like a fully masked row's.
         lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
         delta = tl.load(Delta + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        # With dropout, p_t is P s and delta is Delta / s (see the dQ kernel).
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         p_t = tl.where(valid[:, None], tl.math.exp2(qk_t - lse[None, :]), 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], Lk, dropout_p)
-            dv += tl.dot(tl.where(keep, p_t * keep_scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
-            dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+            keep = tl.trans(philox_keep(seed, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N))
+            dv += tl.dot(tl.where(keep, p_t, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.where(keep, dp_t, 0.0)
         else:
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -257,66 +355,55 @@ def _attn_bwd_dkdv(Q, K, V, DO, Mask, LSE, Delta, DK, DV,
              + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=keys)
 
 
-@triton.jit(do_not_specialize=["stride_mb", "Lq", "Lk", "seed"])
-def _attn_bwd_dq(Q, K, V, DO, Mask, LSE, Delta, DQ,
-                 stride_qb, stride_qh, stride_qm, stride_qd,
-                 stride_kb, stride_kh, stride_kn, stride_kd,
-                 stride_vb, stride_vh, stride_vn, stride_vd,
-                 stride_dob, stride_doh, stride_dom, stride_dod,
-                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                 stride_mb, stride_mn,
-                 H, Lq, Lk, scale, dropout_p, seed,
-                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dQ [BLOCK_M, D] of one query tile of one (batch, head), sweeping all keys."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    rows = offs_m[:, None] < Lq
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=rows, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=rows, other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-    delta = tl.load(Delta + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    qk_scale = scale * LOG2E
-    keep_scale = 1.0 / (1.0 - dropout_p)
+# --------------------------------------------------------------------------------------------- autotuning
 
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, Lk, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_range = offs_n[:, None] < Lk
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=in_range, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_range, other=0.0)
-        valid = _key_valid(Mask, b, offs_n, Lk, stride_mb, stride_mn, HAS_MASK)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.where(valid[None, :], tl.math.exp2(qk - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-
-    dq *= scale
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-             + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=rows)
+_AUTOTUNE = os.environ.get("FASTDETR_AUTOTUNE", "1").strip() not in ("0", "false", "no")
+_tuned: Dict[tuple, KernelConfig] = {}
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk", "seed"])
-def _dropout_mask_kernel(Keep, H, Lq, Lk, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keep [B, H, Lq, Lk] bool: the dropout keep mask the attention kernels draw for this seed."""
-    bh = tl.program_id(2)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
-    tl.store(Keep + bh.to(tl.int64) * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], keep,
-             mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+def _length_bucket(n: int) -> int:
+    return triton.next_power_of_2(max(n, 16))
+
+
+def _time_ms(launch) -> float:
+    """Median of a few CUDA-event timings of `launch` (after one warm-up that also compiles)."""
+    launch()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        launch()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def choose_config(kernel: str, candidates: Tuple[KernelConfig, ...], key: tuple, batch_heads: int, lq: int,
+                  lk: int, launch, device: torch.device, timer=_time_ms) -> KernelConfig:
+    """The config to launch: the fastest candidate measured once per key on a GPU, else the static pick.
+
+    launch(cfg) runs the kernel with cfg. Measuring is skipped (static pick) with one candidate, off CUDA,
+    under torch.compile, while a CUDA graph is captured, and with FASTDETR_AUTOTUNE=0.
+    """
+    if len(candidates) == 1:
+        return candidates[0]
+    tuned = _tuned.get(key)
+    if tuned is not None:
+        return tuned
+    pick = static_pick(kernel, candidates, batch_heads, lq, lk)
+    if (not _AUTOTUNE or device.type != "cuda" or torch.compiler.is_compiling()
+            or torch.cuda.is_current_stream_capturing()):
+        return pick
+    times = {cfg: timer(lambda cfg=cfg: launch(cfg)) for cfg in candidates}
+    _tuned[key] = min(candidates, key=lambda cfg: (times[cfg], cfg != pick))
+    return _tuned[key]
+
+
+def _tuning_key(kernel, q, k, mask, dropout, precision):
+    B, H, Lq, D = q.shape
+    return (kernel, D, q.dtype, precision, dropout, mask is not None, _length_bucket(Lq), _length_bucket(k.shape[2]),
+            triton.next_power_of_2(B * H), q.device.index)
 
 
 # ------------------------------------------------------------------------------------------ host functions
@@ -327,96 +414,141 @@ def _mask_args(key_padding_mask: Optional[Tensor]) -> Tuple[Optional[Tensor], in
     return key_padding_mask, key_padding_mask.stride(0), key_padding_mask.stride(1)
 
 
-@triton_op("fastdetr::attention_fwd", mutates_args={})
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float,
-                  scale: float, seed: int, fp32_precision: str) -> Tuple[Tensor, Tensor]:
-    """Forward pass: (out [B, H, Lq, D] laid out like q, logsumexp [B, H, Lq] fp32 in base 2)."""
+def _dropout_args(dropout_p: float) -> Tuple[int, float]:
+    if dropout_p == 0.0:
+        return 0, 1.0
+    return keep_threshold(dropout_p), keep_scale(dropout_p)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], seed: Optional[Tensor],
+             dropout_p: float, scale: float, fp32_precision: str, wrap=lambda kernel: kernel) -> Tuple[Tensor, Tensor]:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     mask, stride_mb, stride_mn = _mask_args(key_padding_mask)
-    cfg = attention_configs(D, q.dtype, fp32_precision)["fwd"]
-    grid = (triton.cdiv(Lq, cfg.block_m), B * H)
-    wrap_triton(_attn_fwd)[grid](
-        q, k, v, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), stride_mb, stride_mn,
-        H, Lq, Lk, scale, dropout_p, seed,
-        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_MASK=mask is not None,
-        HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=fp32_precision, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+    threshold, dropout_scale = _dropout_args(dropout_p)
+    kernel = wrap(_attn_fwd)
+
+    def launch(cfg):
+        kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
+            q, k, v, mask, out, lse, seed, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            stride_mb, stride_mn, H, Lq, Lk, scale, threshold, dropout_scale,
+            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_MASK=mask is not None,
+            HAS_DROPOUT=threshold > 0, DOT_PRECISION=fp32_precision, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+
+    candidates = attention_config_candidates(D, q.dtype, fp32_precision)["fwd"]
+    launch(choose_config("fwd", candidates, _tuning_key("fwd", q, k, mask, threshold > 0, fp32_precision),
+                         B * H, Lq, Lk, launch, q.device))
     return out, lse
+
+
+def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+              key_padding_mask: Optional[Tensor], seed: Optional[Tensor], dropout_p: float, scale: float,
+              fp32_precision: str, wrap=lambda kernel: kernel) -> Tuple[Tensor, Tensor, Tensor]:
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    candidates = attention_config_candidates(D, q.dtype, fp32_precision)
+    mask, stride_mb, stride_mn = _mask_args(key_padding_mask)
+    threshold, dropout_scale = _dropout_args(dropout_p)
+    flags = dict(HAS_MASK=mask is not None, HAS_DROPOUT=threshold > 0, DOT_PRECISION=fp32_precision)
+    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dq_kernel, dkdv_kernel = wrap(_attn_bwd_dq), wrap(_attn_bwd_dkdv)
+
+    def launch_dq(cfg):
+        dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
+            q, k, v, out, grad_out, mask, lse, delta, dq, seed,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
+            stride_mb, stride_mn, H, Lq, Lk, scale, threshold, dropout_scale,
+            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+
+    def launch_dkdv(cfg):
+        dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * H)](
+            q, k, v, grad_out, mask, lse, delta, dk, dv, seed,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+            stride_mb, stride_mn, H, Lq, Lk, scale, threshold, dropout_scale,
+            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+
+    dropout = threshold > 0
+    # dQ first: it stores the Delta that dK/dV reads.
+    launch_dq(choose_config("bwd_dq", candidates["bwd_dq"], _tuning_key("bwd_dq", q, k, mask, dropout,
+                                                                        fp32_precision),
+                            B * H, Lq, Lk, launch_dq, q.device))
+    launch_dkdv(choose_config("bwd_dkdv", candidates["bwd_dkdv"], _tuning_key("bwd_dkdv", q, k, mask, dropout,
+                                                                              fp32_precision),
+                              B * H, Lq, Lk, launch_dkdv, q.device))
+    return dq, dk, dv
+
+
+class _Attention(torch.autograd.Function):
+    """The eager binding: kernels launched directly, the fewest host steps per call."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, seed, dropout_p, scale, fp32_precision):
+        out, lse = _forward(q, k, v, key_padding_mask, seed, dropout_p, scale, fp32_precision)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
+        ctx.params = (dropout_p, scale, fp32_precision)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, key_padding_mask, seed, *ctx.params)
+        return dq, dk, dv, None, None, None, None, None
+
+
+@triton_op("fastdetr::attention_fwd", mutates_args={})
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], seed: Optional[Tensor],
+                  dropout_p: float, scale: float, fp32_precision: str) -> Tuple[Tensor, Tensor]:
+    """Forward pass for torch.compile: (out [B, H, Lq, D] laid out like q, logsumexp [B, H, Lq] fp32 in base 2,
+    less log2 of the dropout scale when dropout_p > 0: the backward kernels' row statistic)."""
+    return _forward(q, k, v, key_padding_mask, seed, dropout_p, scale, fp32_precision, wrap=wrap_triton)
 
 
 @triton_op("fastdetr::attention_bwd", mutates_args={})
 def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  key_padding_mask: Optional[Tensor], dropout_p: float, scale: float, seed: int,
+                  key_padding_mask: Optional[Tensor], seed: Optional[Tensor], dropout_p: float, scale: float,
                   fp32_precision: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """Backward pass: (dq, dk, dv), each laid out like its input."""
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    cfgs = attention_configs(D, q.dtype, fp32_precision)
-    mask, stride_mb, stride_mn = _mask_args(key_padding_mask)
-    flags = dict(HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=fp32_precision)
-
-    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    cfg = cfgs["bwd_preprocess"]
-    wrap_triton(_attn_bwd_preprocess)[(triton.cdiv(Lq, cfg.block_m), B * H)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Lq,
-        HEAD_DIM=D, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    cfg = cfgs["bwd_dkdv"]
-    wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(Lk, cfg.block_n), B * H)](
-        q, k, v, grad_out, mask, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), stride_mb, stride_mn,
-        H, Lq, Lk, scale, dropout_p, seed, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-    dq = torch.empty_like(q)
-    cfg = cfgs["bwd_dq"]
-    wrap_triton(_attn_bwd_dq)[(triton.cdiv(Lq, cfg.block_m), B * H)](
-        q, k, v, grad_out, mask, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), stride_mb, stride_mn,
-        H, Lq, Lk, scale, dropout_p, seed, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return dq, dk, dv
+    """Backward pass for torch.compile: (dq, dk, dv), each laid out like its input."""
+    return _backward(grad_out, q, k, v, out, lse, key_padding_mask, seed, dropout_p, scale, fp32_precision,
+                     wrap=wrap_triton)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, dropout_p, scale, seed, fp32_precision = inputs
+    q, k, v, key_padding_mask, seed, dropout_p, scale, fp32_precision = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-    ctx.params = (dropout_p, scale, seed, fp32_precision)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
+    ctx.params = (dropout_p, scale, fp32_precision)
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, *ctx.params)
+def _backward_op(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, seed, *ctx.params)
     return dq, dk, dv, None, None, None, None, None
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+attention_fwd.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
 
-def _draw_seed() -> int:
-    # torch's CPU generator: torch.manual_seed reproduces it and no GPU value is read back.
-    return int(torch.randint(0, 2**31 - 1, (), device="cpu"))
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-              scale: Optional[float] = None, seed: Optional[int] = None,
+              scale: Optional[float] = None, seed: Optional[Tensor] = None,
               fp32_precision: Optional[str] = None) -> Tensor:
     """softmax(q k^T * scale, padded keys ignored) -> dropout(dropout_p) -> @ v, fused.
 
     q [B, H, Lq, D], k and v [B, H, Lk, D] (any strides; D in 16, 32, 64, 128; fp32, fp16 or bf16),
     key_padding_mask [B, Lk] bool with True = ignore. Returns [B, H, Lq, D], laid out like q.
-    scale defaults to D ** -0.5. seed keys the dropout mask (see `attention_dropout_mask`); None draws one from
-    torch's default CPU generator. fp32_precision overrides `set_fp32_precision` for this call.
-    Under torch.autocast, q, k and v are cast to the autocast dtype.
+    scale defaults to D ** -0.5. seed (int64 tensor [1] on q's device) keys the dropout bits (see
+    `attention_dropout_mask`); None draws one with the device's torch generator. fp32_precision overrides
+    `set_fp32_precision` for this call. Under torch.autocast, q, k and v are cast to the autocast dtype.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k and v must be [B, H, L, D]")
@@ -431,27 +563,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
                                          or key_padding_mask.shape != (B, k.shape[2])):
         raise ValueError(f"key_padding_mask must be bool [B, Lk] = [{B}, {k.shape[2]}]")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     precision = _fp32_precision if fp32_precision is None else fp32_precision
-    if precision not in FP32_PRECISIONS:
-        raise ValueError(f"fp32 precision must be one of {FP32_PRECISIONS}, got {precision!r}")
-    if dropout_p == 0.0:
-        seed = 0
-    elif seed is None:
-        seed = _draw_seed()
-    scale = D ** -0.5 if scale is None else scale
-    out, _ = attention_fwd(q, k, v, key_padding_mask, float(dropout_p), float(scale), int(seed), precision)
-    return out
+    attention_config_candidates(D, q.dtype, precision)  # refuses what no kernel covers
+    dropout_p = float(dropout_p)
+    if dropout_p > 0.0:
+        keep_threshold(dropout_p)  # refuses a p the 8-bit bits cannot represent
+        seed = draw_seed(q.device) if seed is None else seed
+    elif dropout_p < 0.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    else:
+        seed = None
+    scale = D ** -0.5 if scale is None else float(scale)
+    if torch.compiler.is_compiling():
+        return attention_fwd(q, k, v, key_padding_mask, seed, dropout_p, scale, precision)[0]
+    return _Attention.apply(q, k, v, key_padding_mask, seed, dropout_p, scale, precision)
 
 
-def attention_dropout_mask(batch: int, heads: int, lq: int, lk: int, dropout_p: float, seed: int,
-                           device="cpu") -> Tensor:
+def attention_dropout_mask(batch: int, heads: int, lq: int, lk: int, dropout_p: float, seed: Tensor) -> Tensor:
     """The keep mask [B, H, Lq, Lk] bool (True = kept) that `attention` draws for this seed, for debugging
-    and tests: the attention output equals the reference with probs * keep / (1 - dropout_p)."""
-    keep = torch.empty((batch, heads, lq, lk), dtype=torch.bool, device=device)
-    cfg = DROPOUT_MASK_CONFIG
-    grid = (triton.cdiv(lq, cfg.block_m), triton.cdiv(lk, cfg.block_n), batch * heads)
-    _dropout_mask_kernel[grid](keep, heads, lq, lk, float(dropout_p), int(seed), BLOCK_M=cfg.block_m,
-                               BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return keep
+    and tests: the attention output equals the reference with probs * keep * rng.keep_scale(dropout_p)."""
+    return torch.stack([keep_mask(seed, bh, lq, lk, dropout_p) for bh in range(batch * heads)]).view(
+        batch, heads, lq, lk)

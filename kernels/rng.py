@@ -69,10 +69,11 @@ def philox_keep(seed, stream, rows, col_start, threshold, BLOCK_ROWS: tl.constex
     w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c0 * 0, PHILOX_ROUNDS)
     # join appends a minor axis: [..., k, s] = (k=0: w0, w1; k=1: w2, w3), so flattening gives w0 w1 w2 w3.
     words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_ROWS, GROUPS * 4])
-    shifts = tl.arange(0, 4) * 8
-    random_bytes = (words[:, :, None] >> shifts[None, None, :].to(tl.uint32)) & 0xFF
-    random_bytes = tl.reshape(random_bytes, [BLOCK_ROWS, BLOCK_COLS])
-    return random_bytes.to(tl.int32) < threshold
+    # Byte k of a word, moved to the top: (word << (24 - 8k)) < threshold << 24 (unsigned) iff byte k <
+    # threshold, whatever the bytes below it. One shift and one compare per decision.
+    shifts = (24 - tl.arange(0, 4) * 8).to(tl.uint32)
+    top = tl.reshape(words[:, :, None] << shifts[None, None, :], [BLOCK_ROWS, BLOCK_COLS])
+    return top < (threshold.to(tl.uint32) << 24)
 
 
 @triton.jit(do_not_specialize=["rows", "cols", "stream", "threshold"])

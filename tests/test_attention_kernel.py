@@ -4,13 +4,19 @@ Without CUDA the kernels run in the Triton interpreter (tests/conftest.py sets T
 slow: shapes are small but odd, so that no length is a multiple of any block size. bf16 runs only on CUDA (the
 interpreter's bf16 tl.dot is wrong).
 """
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastdetr.ops as ops
-from fastdetr.kernels.attention import attention, attention_dropout_mask, attention_fwd, attention_bwd
+from fastdetr.kernels.attention import (KernelConfig, attention, attention_bwd, attention_config_candidates,
+                                        attention_dropout_mask, attention_fwd, choose_config, static_pick)
+from fastdetr.kernels.rng import effective_dropout_p, keep_scale
 
+# the package exports the function `attention`, which shadows the submodule of that name
+attention_module = importlib.import_module("fastdetr.kernels.attention")
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
@@ -42,6 +48,15 @@ def make_mask(B, Lk, kind, seed=0):
     mask = torch.rand(B, Lk, generator=g) < 0.3
     if kind == "full_row":
         mask[-1] = True  # every key of the last image is padding
+    if kind == "tail":
+        # DETR's padding of a smaller image: a tail of each feature-map row and a tail of rows, so whole key
+        # blocks at the end hold no valid key (the kernels skip them)
+        width = 9
+        mask = torch.zeros(B, Lk // width + 1, width, dtype=torch.bool)
+        for b in range(B):
+            mask[b, Lk // width - 2 * b:, :] = True
+            mask[b, :, width - 2 - b:] = True
+        mask = mask.flatten(1)[:, :Lk].contiguous()
     return mask.to(DEVICE)
 
 
@@ -54,6 +69,7 @@ def reference(q, k, v, mask, grad_out, **kwargs):
 
 
 CASES = [  # B, H, Lq, Lk, D, mask, layout
+    (2, 2, 41, 150, 32, "tail", "seq_first"),
     (1, 1, 37, 53, 16, "none", "contiguous"),
     (2, 3, 37, 53, 32, "padding", "seq_first"),
     (3, 2, 19, 70, 64, "full_row", "contiguous"),
@@ -93,29 +109,34 @@ def test_output_keeps_the_input_layout():
     assert out.stride() == q.stride()
 
 
+def seed_tensor(value):
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
 def test_dropout_keep_rate_and_independence():
     p = 0.3
-    keep = attention_dropout_mask(2, 4, 61, 67, p, seed=1234, device=DEVICE)
-    n = keep.numel()
+    keep = attention_dropout_mask(2, 4, 61, 67, p, seed_tensor(1234))
+    n, kept = keep.numel(), 1 - effective_dropout_p(p)
     assert keep.shape == (2, 4, 61, 67) and keep.dtype == torch.bool
-    assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    assert abs(keep.float().mean().item() - kept) < 5 * (kept * (1 - kept) / n) ** 0.5
     heads = keep.flatten(0, 1).flatten(1).float()
     assert (heads[0] != heads[1]).float().mean() > 0.3  # heads draw different bits
-    assert not torch.equal(keep, attention_dropout_mask(2, 4, 61, 67, p, seed=1235, device=DEVICE))
+    assert not torch.equal(keep, attention_dropout_mask(2, 4, 61, 67, p, seed_tensor(1235)))
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "full_row"])
+@pytest.mark.parametrize("mask_kind", ["none", "full_row", "tail"])
 def test_dropout_matches_reference_with_the_same_keep_mask(monkeypatch, mask_kind):
-    B, H, Lq, Lk, D, p, seed = 2, 3, 37, 53, 32, 0.25, 77
+    """Forward and backward regenerate the same bits: both match the reference given the debug keep mask."""
+    B, H, Lq, Lk, D, p, seed = 2, 3, 37, 53, 32, 0.25, seed_tensor(77)
     q, k, v = make_inputs(B, H, Lq, Lk, D, torch.float32, "seq_first")
     mask = make_mask(B, Lk, mask_kind)
     out = attention(q, k, v, key_padding_mask=mask, dropout_p=p, seed=seed)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     out.backward(grad_out)
 
-    keep = attention_dropout_mask(B, H, Lq, Lk, p, seed, device=DEVICE)
+    keep = attention_dropout_mask(B, H, Lq, Lk, p, seed)
     # attention_reference drops probabilities with F.dropout; give it the kernel's keep mask instead
-    monkeypatch.setattr(F, "dropout", lambda probs, p: probs * keep / (1 - p))
+    monkeypatch.setattr(F, "dropout", lambda probs, p: probs * keep * keep_scale(p))
     ref_out, ref_grads = reference(q, k, v, mask, grad_out, dropout_p=p)
     assert rel_err(out, ref_out) < 2e-5
     for name, x, ref in zip("qkv", (q, k, v), ref_grads):
@@ -179,15 +200,21 @@ def test_rejects_what_it_does_not_support():
 def test_ops_are_registered_for_torch_compile():
     # In the interpreter the kernels cannot run on fake tensors (triton's interpreter reads the data pointers),
     # so opcheck's fake-tensor and AOT-dispatch checks, and torch.compile itself, need CUDA: see
-    # test_torch_compile_fullgraph. The schema and autograd registration are checked here.
+    # test_torch_compile_fullgraph. The schema and autograd registration are checked here, and the ops give
+    # the eager binding's results.
     q, k, v = make_inputs(1, 2, 19, 23, 16, torch.float32)
     mask = make_mask(1, 23, "padding")
+    seed = seed_tensor(7)
     tests = ("test_schema", "test_autograd_registration")
-    torch.library.opcheck(attention_fwd, (q, k, v, mask, 0.1, 0.25, 7, "ieee"), test_utils=tests)
-    out, lse = attention_fwd(q, k, v, mask, 0.1, 0.25, 7, "ieee")
+    torch.library.opcheck(attention_fwd, (q, k, v, mask, seed, 0.1, 0.25, "ieee"), test_utils=tests)
+    out, lse = attention_fwd(q, k, v, mask, seed, 0.1, 0.25, "ieee")
     grad_out = torch.randn_like(out)
-    torch.library.opcheck(attention_bwd, (grad_out, q, k, v, out, lse, mask, 0.1, 0.25, 7, "ieee"),
+    torch.library.opcheck(attention_bwd, (grad_out, q, k, v, out, lse, mask, seed, 0.1, 0.25, "ieee"),
                           test_utils=("test_schema",))
+    eager = attention(q, k, v, key_padding_mask=mask, dropout_p=0.1, scale=0.25, seed=seed)
+    assert torch.equal(out, eager)
+    grads = attention_bwd(grad_out, q, k, v, out, lse, mask, seed, 0.1, 0.25, "ieee")
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(eager, (q, k, v), grad_out)))
 
 
 @pytest.mark.skipif(not CUDA, reason="torch.compile traces the kernels with fake tensors: needs real Triton")
@@ -204,3 +231,70 @@ def test_torch_compile_fullgraph():
     eager.sum().backward()
     assert torch.equal(out, eager)
     assert all(torch.equal(g, x.grad) for g, x in zip(grads, (q, k, v)))
+
+
+CANDIDATE_CASES = [(kernel, i) for kernel in ("fwd", "bwd_dq", "bwd_dkdv")
+                   for i in range(len(attention_config_candidates(32, torch.float16)[kernel]))]
+
+
+@pytest.mark.parametrize("kernel,index", CANDIDATE_CASES)
+def test_every_candidate_config_matches_reference(monkeypatch, kernel, index):
+    """Each tile a shape may pick (small ones for decoder attention) gives the same results."""
+    B, H, Lq, Lk, D = 2, 2, 37, 70, 32
+    q, k, v = make_inputs(B, H, Lq, Lk, D, torch.float16, "seq_first")
+    mask = make_mask(B, Lk, "tail")
+    real_choose = attention_module.choose_config
+
+    def forced(name, candidates, *args, **kwargs):
+        return candidates[index] if name == kernel else real_choose(name, candidates, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "choose_config", forced)
+    out = attention(q, k, v, key_padding_mask=mask)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.float16)
+    out.backward(grad_out)
+    ref_out, ref_grads = reference(q, k, v, mask, grad_out)
+    assert rel_err(out, ref_out) < TOLERANCE[torch.float16]
+    for name, x, ref in zip("qkv", (q, k, v), ref_grads):
+        assert rel_err(x.grad, ref) < TOLERANCE[torch.float16], f"d{name}"
+
+
+def test_static_pick_fills_the_gpu_or_takes_the_smallest_tile():
+    candidates = attention_config_candidates(32, torch.bfloat16)
+    # encoder self-attention, B=4: 64-query tiles give 14 x 32 = 448 programs
+    assert static_pick("fwd", candidates["fwd"], 32, 850, 850).block_m == 64
+    # decoder cross-attention, B=4: 100 queries need 32-query tiles (4 x 32 = 128 < 132) -> 16 (7 x 32 = 224)
+    assert static_pick("fwd", candidates["fwd"], 32, 100, 850).block_m == 16
+    # dK/dV owns keys: 850 keys in 64-key tiles at B=4 give 14 x 32 = 448 programs
+    assert static_pick("bwd_dkdv", candidates["bwd_dkdv"], 32, 100, 850) == candidates["bwd_dkdv"][0]
+    assert static_pick("bwd_dkdv", candidates["bwd_dkdv"], 16, 100, 100) == candidates["bwd_dkdv"][-1]
+
+
+def test_autotune_measures_once_per_key_and_keeps_the_fastest(monkeypatch):
+    monkeypatch.setattr(attention_module, "_tuned", {})
+    candidates = (KernelConfig(64, 64, 4, 3), KernelConfig(32, 64, 2, 3), KernelConfig(16, 64, 1, 3))
+    speed = {64: 3.0, 32: 1.0, 16: 2.0}
+    measured = []
+
+    def timer(launch):
+        cfg = launch()
+        measured.append(cfg)
+        return speed[cfg.block_m]
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    args = ("fwd", candidates, ("key",), 32, 850, 850, lambda cfg: cfg, torch.device("cuda", 0))
+    assert choose_config(*args, timer=timer).block_m == 32
+    assert choose_config(*args, timer=timer).block_m == 32
+    assert len(measured) == 3  # the second call reuses the measurement
+    # off CUDA (and under torch.compile or graph capture) nothing is measured: the static pick
+    cpu_args = ("fwd", candidates, ("other",), 32, 100, 850, lambda cfg: cfg, torch.device("cpu"))
+    assert choose_config(*cpu_args, timer=timer) == static_pick("fwd", candidates, 32, 100, 850)
+    assert len(measured) == 3
+
+
+def test_seed_comes_from_the_device_generator_not_a_host_integer():
+    q, k, v = make_inputs(1, 2, 29, 31, 16, torch.float32)
+    torch.manual_seed(5)
+    out = attention(q, k, v, dropout_p=0.2)
+    torch.manual_seed(5)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=DEVICE)
+    assert torch.equal(out, attention(q, k, v, dropout_p=0.2, seed=seed))
