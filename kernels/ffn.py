@@ -5,17 +5,45 @@ pre-norm:  out = x + dropout(W2 dropout(relu(W1 LN(x) + b1)) + b2)
 
 x [..., d_model], W1 [hidden, d_model], W2 [d_model, hidden]. The two GEMMs stay separate kernels: fusing both
 into one Triton kernel has measured far slower than cuBLAS at these widths (triton issue 1321). What is fused is
-the memory-bound work around them:
+the memory-bound work around them.
 
-- linear1: GEMM + bias + ReLU + dropout in the epilogue (pre-norm: a small row kernel computes LN(x) first);
-- linear2: GEMM + bias + dropout + residual + LayerNorm in the epilogue, a whole d_model row per tile;
-- backward: one row kernel for LayerNorm backward + dropout backward (bits regenerated from the seed, never
-  stored), and the dx-path GEMM through W2 with ReLU/dropout backward in its epilogue. The first dropout needs
-  no bits at all in the backward: its output is > 0 exactly where both ReLU and the keep mask pass.
-  The weight gradients (dW1 = dh^T a, dW2 = dy^T h) and the dx GEMM through W1 are plain GEMMs with nothing
-  to fuse (a reduction over rows), so they go to torch.matmul: cuBLAS is at least as fast and deterministic.
-  Bias and LayerNorm parameter gradients are fixed-order partial sums, so the whole backward is deterministic.
+Forward (launches: the seed draw with dropout, then 3; pre-norm one more for LN(x)):
+- linear1: GEMM + bias + ReLU + dropout mask in the epilogue (pre-norm: a row kernel computes LN(x) first).
+  The hidden activation h is stored without the dropout scale: linear2's epilogue multiplies its [rows, d_model]
+  result by it (8x fewer elements than h) and the backward folds it into dy, so linear1 spends no multiply on it.
+  Tiles of 128 x 128 above 1024 rows, 64 x 64 up to there, so that DETR's decoder (100 x batch rows) still
+  launches more programs than a 132-SM GPU has SMs.
+- linear2: its LayerNorm epilogue needs whole d_model rows in one tile, so one program covers 64 rows x 256
+  columns and the whole K = 2048 loop: at DETR's 400 to 6800 rows that is 7 to 107 programs, one per SM (120 KB
+  of shared memory), leaving most of a 132-SM GPU idle for the whole K loop. So the GEMM goes to cuBLAS
+  (split over the GPU as cuBLAS sees fit) and one row kernel does scale + bias + dropout + residual + LayerNorm;
+  the fused GEMM + epilogue kernel is launched only where its programs fill every SM (`linear2_fused`, from
+  8448 rows of d_model 256 up on a 132-SM GPU).
+Backward (launches: 6 post-norm, 7 pre-norm; under autocast one more to cast x, one more for dx):
+- one row kernel: LayerNorm backward + dropout backward (bits regenerated, never stored), with fixed-order
+  per-row-block partial sums of the LayerNorm and linear2 bias gradients; it stores dy times the dropout scale
+  that the unscaled h owes, so dW2 = dy^T h and dh = dy W2 come out right with no further multiply;
+- the dx-path GEMM through W2 with ReLU and dropout backward in its epilogue, and per-row-block partial sums
+  of the linear1 bias gradient. The first dropout needs no bits: h > 0 exactly where ReLU and the keep mask pass;
+- dW1 = dh^T a, dW2 = dy^T h and the dx GEMM through W1: plain GEMMs with nothing to fuse, cuBLAS;
+- one launch sums every partial buffer in a fixed order and writes the bias and LayerNorm gradients in their
+  parameters' dtypes. The whole backward is deterministic.
+
+Numerics. Accumulation is float32 in every GEMM (16-bit operands on tensor cores; float32 operands follow torch's
+matmul precision: "highest" keeps them exact, off the tensor cores, else tf32), and every epilogue works in
+float32 before the one rounding at the store. LayerNorm uses the two-pass variance of the row held in registers,
+rstd = 1 / sqrt(var + eps). Masking: rows >= M and columns >= N read 0 and are never stored; the LayerNorm
+statistics exclude padded columns.
+
+Dropout and RNG (`fastdetr.kernels.rng`): keep bits from Philox4x32-7, 16 decisions per call, stream 0 for the
+dropout after linear1 and stream 1 for the one after linear2, as functions of (seed, stream, row, column) of
+the [rows, hidden] and [rows, d_model] tensors, so the backward regenerates them with other tiles. An 8-bit
+threshold keeps with probability threshold / 256 (p = 0.1: 230/256); kept values are scaled by 256 / threshold,
+the inverse of that quantised keep probability, so expectations are exact (`rng.keep_scale`). The seed is an
+int64 device tensor drawn by the device's torch generator (`rng.draw_seed`): loaded by the kernels, never a
+compile-time specialisation, no host synchronisation, the CPU generator untouched.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -24,12 +52,19 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-MAX_D_MODEL = 512  # linear2's LayerNorm epilogue holds a whole row in one tile.
+from .rng import draw_seed, keep_mask, keep_scale, keep_threshold, philox_keep
+
+MAX_D_MODEL = 512  # the LayerNorm epilogues hold a whole row in one tile.
 _D_BLOCKS = (16, 32, 64, 128, 256, 512)
 # Devices whose autocast runs layer_norm in float32 (CUDA's list has it, CPU's does not): there the eager
 # post-norm result is float32.
 _AUTOCAST_FP32_LAYER_NORM = ("cuda",)
-_SMALL_M = 1024  # up to here (DETR's decoder) linear1 uses smaller row tiles so more programs fill the GPU.
+_SMALL_M = 1024  # up to here (DETR's decoder) the [rows, hidden] GEMMs use 64 x 64 tiles to fill the GPU.
+# Dropout streams (`rng.philox_keep`): after linear1, after linear2.
+STREAM_HIDDEN = tl.constexpr(0)
+STREAM_OUT = tl.constexpr(1)
+# SMs of the GPU the static model targets (H100/H200); used where no CUDA device says otherwise (the interpreter).
+DEFAULT_SMS = 132
 
 
 def _block_d(d_model: int) -> int:
@@ -51,14 +86,19 @@ def _linear1_config(rows: int, kind: str) -> dict:
     """Tiles of the GEMMs whose output is [rows, hidden]: linear1 forward and the dh GEMM of the backward."""
     block_k = 64 if kind == "16bit" else 32  # fp32 operands double the shared memory per stage
     if rows <= _SMALL_M:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8 if kind == "ieee" else 4,
-                    num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
+        # 400 decoder rows x 2048: 7 x 32 = 224 programs (128 x 128 tiles would give 64)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=3)
+    # One warpgroup per 64 x 128 tile: with the dropout epilogue it issues fewer instructions per output than
+    # 128 x 128 x 8 warps (the dropout mask costs 1.29x the instructions of the kernel without it, against 1.38x,
+    # benchmarks/static_ffn.py); exact fp32 FMA products need twice the threads.
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8 if kind == "ieee" else 4,
+                num_stages=3)
 
 
 def _linear2_config(block_d: int, kind: str) -> dict:
-    """Tiles of linear2: the whole padded d_model by 64 rows (one Hopper warpgroup MMA) where the LayerNorm
-    epilogue fits the registers; 512 columns (and exact fp32, whose FMA products hold more) take fewer rows."""
+    """Tiles of the fused linear2: the whole padded d_model by 64 rows (one Hopper warpgroup MMA) where the
+    LayerNorm epilogue fits the registers; 512 columns (and exact fp32, whose FMA products hold more) take fewer
+    rows."""
     block_k = {"16bit": 64, "tf32": 32, "ieee": 16}[kind]
     block_m = 64
     if block_d == 512:
@@ -70,11 +110,15 @@ def _linear2_config(block_d: int, kind: str) -> dict:
 
 
 def _rows_config(block_d: int) -> dict:
-    """Row kernels (LayerNorm forward, the backward's row pass): about 4096 elements per program."""
-    return dict(BLOCK_M=max(1, 4096 // block_d), BLOCK_N=block_d, num_warps=4 if block_d <= 256 else 8)
+    """Row kernels (LayerNorm forward, linear2's epilogue after cuBLAS, the backward's row pass): about 4096
+    elements per program."""
+    # 8 warps from 128 columns up: 16 elements per thread, where 32 left ptxas one register short in some
+    # variants (an 8-byte stack spill)
+    return dict(BLOCK_M=max(1, 4096 // block_d), BLOCK_N=block_d, num_warps=4 if block_d <= 64 else 8)
 
 
-_KEEP_MASK_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4)
+# The partial-sum reduction: a program sums 64 columns of one gradient over all its row blocks.
+_SUMS_CONFIG = dict(BLOCK_R=32, BLOCK_N=64, num_warps=4)
 
 
 def ffn_configs() -> dict:
@@ -83,30 +127,43 @@ def ffn_configs() -> dict:
         "linear1": [(kind, _linear1_config(rows, kind)) for kind in KINDS for rows in (_SMALL_M, _SMALL_M + 1)],
         "linear2": [(kind, _linear2_config(bd, kind)) for kind in KINDS for bd in _D_BLOCKS],
         "rows": [(None, _rows_config(bd)) for bd in _D_BLOCKS],
-        "keep_mask": [(None, dict(_KEEP_MASK_CONFIG))],
+        "sums": [(None, dict(_SUMS_CONFIG))],
     }
 
 
+@functools.lru_cache(maxsize=None)
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; DEFAULT_SMS elsewhere (the interpreter plans launches as for an H100)."""
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def linear2_fused(rows: int, d_model: int, kind: str, sms: int) -> bool:
+    """Whether linear2 runs as the fused GEMM + epilogue kernel (its programs, one per SM, fill all `sms` SMs)
+    rather than cuBLAS followed by the row epilogue kernel."""
+    return triton.cdiv(rows, _linear2_config(_block_d(d_model), kind)["BLOCK_M"]) >= sms
+
+
 @triton.jit
-def _keep(seed, rows, col0, N, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Dropout keep mask [BLOCK_M, BLOCK_N] at rows x (col0 + arange(BLOCK_N)) of a [*, N] tensor; col0 % 4 == 0.
-
-    The bits are a function of (seed, row, column) alone, so any kernel can regenerate them (the backward does,
-    instead of storing a mask). One Philox call yields four 32-bit draws: it serves four adjacent columns,
-    a quarter of the per-element cost of tl.rand and of the registers an epilogue needs for it.
-    """
-    quads = col0 // 4 + tl.arange(0, BLOCK_N // 4)
-    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * tl.cdiv(N, 4) + quads[None, :])
-    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK_M, BLOCK_N])
-    return tl.uint_to_uniform_float(bits) >= p
+def _keep(seed_ptr, stream: tl.constexpr, rows, col_start, threshold, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr):
+    """`rng.philox_keep` for the dropout site `stream`, seeded from the device tensor seed_ptr."""
+    # philox_keep takes the stream as a runtime integer (attention passes batch * heads + head).
+    return philox_keep(tl.load(seed_ptr), tl.full([], stream, tl.uint32), rows, col_start, threshold, BLOCK_M,
+                       BLOCK_N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["threshold"])
 def _linear1_kernel(
-    a_ptr, b_ptr, bias_ptr, h_ptr, out_ptr, dbias_ptr,
+    a_ptr, b_ptr, bias_ptr, h_ptr, out_ptr, dbias_ptr, seed_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn,
-    seed, p, keep_scale,
+    threshold,
     BACKWARD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -115,9 +172,10 @@ def _linear1_kernel(
 ):
     """out [M, N] = epilogue(a [M, K] @ b [K, N]), out and h contiguous.
 
-    forward:  out = dropout(relu(acc + bias)), the FFN's hidden activation h.
-    backward: out = acc * keep_scale where h > 0 else 0 (ReLU and dropout backward at once), and the per-row-block
-              column sums of out into dbias_ptr [cdiv(M, BLOCK_M), N] for the bias gradient.
+    forward:  out = relu(acc + bias) * keep (dropout stream 0), the FFN's hidden activation h without the
+              dropout scale: its consumers apply it (see `_forward`), so this epilogue spends no multiply on it.
+    backward: out = acc where h > 0 else 0 (ReLU and dropout backward at once: a carries the scale), and the
+              per-row-block column sums of out into dbias_ptr [cdiv(M, BLOCK_M), N] for the bias gradient.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -148,33 +206,62 @@ def _linear1_kernel(
     offs = rm[:, None] * N + rn[None, :]
     if BACKWARD:
         h = tl.load(h_ptr + offs, mask=inside, other=0.0)
-        acc = tl.where(h > 0, acc * keep_scale, 0.0)
+        acc = tl.where(h > 0, acc, 0.0)
         tl.store(dbias_ptr + pid_m * N + rn, tl.sum(acc, axis=0), mask=rn < N)
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         acc = tl.maximum(acc, 0.0)
         if DROPOUT:
-            acc = tl.where(_keep(seed, rm, pid_n * BLOCK_N, N, p, BLOCK_M, BLOCK_N), acc * keep_scale, 0.0)
+            keep = _keep(seed_ptr, STREAM_HIDDEN, rm, pid_n * BLOCK_N, threshold, BLOCK_M, BLOCK_N)
+            acc = tl.where(keep, acc, 0.0)
     tl.store(out_ptr + offs, acc, mask=inside)
 
 
 @triton.jit
+def _residual_epilogue(acc, rm, rn, M, N, bias_ptr, x_ptr, w_ptr, beta_ptr, out_ptr, z_ptr, stats_ptr, seed_ptr,
+                       threshold, keep_scale, eps, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                       LAYER_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """z = x + dropout(acc * keep_scale + bias) (stream 1) over whole rows rm x rn (rn = arange(BLOCK_N),
+    N <= BLOCK_N); out = LN(z) with LAYER_NORM (z and stats [M, 2] = (mean, rstd) stored for the backward), else z.
+    acc = h @ W2^T with h unscaled: its dropout scale is applied here (the two dropouts share p, so one scale)."""
+    col_in = rn < N
+    inside = (rm[:, None] < M) & col_in[None, :]
+    offs = rm[:, None] * N + rn[None, :]
+    if DROPOUT:
+        acc = acc * keep_scale
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    if DROPOUT:
+        keep = _keep(seed_ptr, STREAM_OUT, rm, 0, threshold, BLOCK_M, BLOCK_N)
+        acc = tl.where(keep, acc * keep_scale, 0.0)
+    z = acc + tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    if LAYER_NORM:
+        mean = tl.sum(z, axis=1) / N
+        diff = tl.where(col_in[None, :], z - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / N + eps)
+        w = tl.load(w_ptr + rn, mask=col_in, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + rn, mask=col_in, other=0.0).to(tl.float32)
+        tl.store(z_ptr + offs, z, mask=inside)
+        tl.store(stats_ptr + 2 * rm, mean, mask=rm < M)
+        tl.store(stats_ptr + 2 * rm + 1, rstd, mask=rm < M)
+        z = diff * rstd[:, None] * w[None, :] + beta[None, :]
+    tl.store(out_ptr + offs, z, mask=inside)
+
+
+@triton.jit(do_not_specialize=["threshold"])
 def _linear2_kernel(
-    a_ptr, b_ptr, bias_ptr, x_ptr, w_ptr, beta_ptr, out_ptr, z_ptr, mean_ptr, rstd_ptr,
+    a_ptr, b_ptr, bias_ptr, x_ptr, w_ptr, beta_ptr, out_ptr, z_ptr, stats_ptr, seed_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn,
-    seed, p, keep_scale, eps,
+    threshold, keep_scale, eps,
     HAS_BIAS: tl.constexpr,
     DROPOUT: tl.constexpr,
     LAYER_NORM: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """z = x + dropout(a [M, K] @ b [K, N] + bias); out = LN(z) with LAYER_NORM (z, mean, rstd kept), else z.
-
-    x, out, z are contiguous [M, N] with N <= BLOCK_N: each program owns whole rows.
-    """
+    """The fused linear2: `_residual_epilogue` of a [M, K] @ b [K, N], each program owning whole rows."""
     pid_m = tl.program_id(0)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
@@ -189,32 +276,26 @@ def _linear2_kernel(
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    _residual_epilogue(acc, rm, rn, M, N, bias_ptr, x_ptr, w_ptr, beta_ptr, out_ptr, z_ptr, stats_ptr, seed_ptr,
+                       threshold, keep_scale, eps, HAS_BIAS, DROPOUT, LAYER_NORM, BLOCK_M, BLOCK_N)
 
-    col_in = rn < N
-    inside = (rm[:, None] < M) & col_in[None, :]
-    offs = rm[:, None] * N + rn[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=col_in, other=0.0).to(tl.float32)[None, :]
-    if DROPOUT:
-        acc = tl.where(_keep(seed, rm, 0, N, p, BLOCK_M, BLOCK_N), acc * keep_scale, 0.0)
-    z = acc + tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    if LAYER_NORM:
-        mean = tl.sum(z, axis=1) / N
-        diff = tl.where(col_in[None, :], z - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / N + eps)
-        w = tl.load(w_ptr + rn, mask=col_in, other=0.0).to(tl.float32)
-        beta = tl.load(beta_ptr + rn, mask=col_in, other=0.0).to(tl.float32)
-        tl.store(z_ptr + offs, z, mask=inside)
-        tl.store(mean_ptr + rm, mean, mask=rm < M)
-        tl.store(rstd_ptr + rm, rstd, mask=rm < M)
-        z = diff * rstd[:, None] * w[None, :] + beta[None, :]
-    tl.store(out_ptr + offs, z, mask=inside)
+
+@triton.jit(do_not_specialize=["threshold"])
+def _residual_rows_kernel(y_ptr, bias_ptr, x_ptr, w_ptr, beta_ptr, out_ptr, z_ptr, stats_ptr, seed_ptr, M, N,
+                          threshold, keep_scale, eps, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                          LAYER_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """linear2's epilogue after cuBLAS: `_residual_epilogue` of y = h @ W2^T [M, N]."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    y = tl.load(y_ptr + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+    _residual_epilogue(y.to(tl.float32), rm, rn, M, N, bias_ptr, x_ptr, w_ptr, beta_ptr, out_ptr, z_ptr, stats_ptr,
+                       seed_ptr, threshold, keep_scale, eps, HAS_BIAS, DROPOUT, LAYER_NORM, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, N, eps,
+def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, stats_ptr, M, N, eps,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y = LN(x) over rows of contiguous [M, N]; mean and rstd [M] kept for the backward."""
+    """y = LN(x) over rows of contiguous [M, N]; stats [M, 2] = (mean, rstd) kept for the backward."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     col_in = rn < N
@@ -227,14 +308,13 @@ def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, N,
     w = tl.load(w_ptr + rn, mask=col_in, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + rn, mask=col_in, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, diff * rstd[:, None] * w[None, :] + b[None, :], mask=inside)
-    tl.store(mean_ptr + rm, mean, mask=rm < M)
-    tl.store(rstd_ptr + rm, rstd, mask=rm < M)
+    tl.store(stats_ptr + 2 * rm, mean, mask=rm < M)
+    tl.store(stats_ptr + 2 * rm + 1, rstd, mask=rm < M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["threshold"])
 def _rows_bwd_kernel(
-    g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, res_ptr, dx_ptr, dy_ptr, dw_part_ptr, db_part_ptr, dbias_part_ptr,
-    M, N, seed, p, keep_scale,
+    g_ptr, x_ptr, w_ptr, stats_ptr, res_ptr, dx_ptr, dy_ptr, part_ptr, seed_ptr, M, N, threshold, keep_scale,
     LAYER_NORM: tl.constexpr,
     RESIDUAL: tl.constexpr,
     EMIT_DY: tl.constexpr,
@@ -243,12 +323,17 @@ def _rows_bwd_kernel(
 ):
     """The backward's row-wise work over contiguous [M, N], whole rows per program.
 
-    LAYER_NORM: dx = LayerNorm backward of g at input x (+ res with RESIDUAL), stored; per-row-block partial
-                sums of dgamma, dbeta into dw_part_ptr, db_part_ptr [cdiv(M, BLOCK_M), N]. Else dx = g.
-    EMIT_DY:    dy = dropout backward of dx (DROPOUT: bits regenerated from seed), stored, with partial sums
-                of the linear2 bias gradient into dbias_part_ptr.
+    part_ptr is a float32 [3, cdiv(M, BLOCK_M), N] of per-row-block partial sums: linear2's bias, LayerNorm's
+    weight, LayerNorm's bias gradients.
+    LAYER_NORM: dx = LayerNorm backward of g at input x with stats [M, 2] = (mean, rstd) (+ res with RESIDUAL),
+                stored, with the partial sums of dgamma, dbeta. Else dx = g.
+    EMIT_DY:    dy = dropout backward of dx (DROPOUT: stream 1's bits regenerated), with the partial sums of
+                the linear2 bias gradient; stored times keep_scale, the scale of the forward's first dropout,
+                which the GEMMs consuming dy (dW2 = dy^T h, dh = dy W2) owe to the unscaled h.
     """
     pid = tl.program_id(0)
+    part_ptr += pid * N
+    part_stride = tl.num_programs(0) * N
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     col_in = rn < N
@@ -258,8 +343,8 @@ def _rows_bwd_kernel(
     dx = g
     if LAYER_NORM:
         x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rm, mask=rm < M, other=0.0)
-        rstd = tl.load(rstd_ptr + rm, mask=rm < M, other=0.0)
+        mean = tl.load(stats_ptr + 2 * rm, mask=rm < M, other=0.0)
+        rstd = tl.load(stats_ptr + 2 * rm + 1, mask=rm < M, other=0.0)
         w = tl.load(w_ptr + rn, mask=col_in, other=0.0).to(tl.float32)
         x_hat = tl.where(inside, (x - mean[:, None]) * rstd[:, None], 0.0)
         wg = g * w[None, :]
@@ -269,30 +354,70 @@ def _rows_bwd_kernel(
         if RESIDUAL:
             dx += tl.load(res_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, dx, mask=inside)
-        tl.store(dw_part_ptr + pid * N + rn, tl.sum(g * x_hat, axis=0), mask=col_in)
-        tl.store(db_part_ptr + pid * N + rn, tl.sum(g, axis=0), mask=col_in)
+        tl.store(part_ptr + part_stride + rn, tl.sum(g * x_hat, axis=0), mask=col_in)
+        tl.store(part_ptr + 2 * part_stride + rn, tl.sum(g, axis=0), mask=col_in)
     if EMIT_DY:
         dy = dx
         if DROPOUT:
-            dy = tl.where(_keep(seed, rm, 0, N, p, BLOCK_M, BLOCK_N), dx * keep_scale, 0.0)
+            keep = _keep(seed_ptr, STREAM_OUT, rm, 0, threshold, BLOCK_M, BLOCK_N)
+            dy = tl.where(keep, dx * keep_scale, 0.0)
+        tl.store(part_ptr + rn, tl.sum(dy, axis=0), mask=col_in)
+        if DROPOUT:
+            dy *= keep_scale
         tl.store(dy_ptr + offs, dy, mask=inside)
-        tl.store(dbias_part_ptr + pid * N + rn, tl.sum(dy, axis=0), mask=col_in)
 
 
 @triton.jit
-def _keep_mask_kernel(out_ptr, M, N, seed, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(seed, rm, tl.program_id(1) * BLOCK_N, N, p, BLOCK_M, BLOCK_N)
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], keep, mask=(rm[:, None] < M) & (rn[None, :] < N))
+def _column_sums(part_ptr, rows, N, out_ptr, pid, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[cols] = sum over r < rows of part [rows, N][r, cols], rows in a fixed order (deterministic)."""
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        acc += tl.load(part_ptr + r[:, None] * N + cols[None, :], mask=(r[:, None] < rows) & (cols[None, :] < N),
+                       other=0.0)
+    tl.store(out_ptr + cols, tl.sum(acc, axis=0), mask=cols < N)
 
 
-def _keep_scale(p: float) -> float:
-    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
+@triton.jit
+def _sum_partials_kernel(
+    part_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr, rows0, rows123, N0, N123,
+    HAS0: tl.constexpr, HAS1: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The backward's bias and LayerNorm gradients from their partial sums, in one launch.
+
+    part_ptr holds float32 [rows0, N0] partial sums of the linear1 bias gradient, then [3, rows123, N123] of the
+    linear2 bias, LayerNorm weight and LayerNorm bias gradients (`_rows_bwd_kernel`'s layout). Gradient s
+    (program axis 1) is the column sum of its block, stored in out_s's dtype. Programs whose columns lie past
+    N_s store nothing.
+    """
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    block = part_ptr + rows0 * N0 + (s - 1) * rows123 * N123
+    if s == 0:
+        if HAS0:
+            _column_sums(part_ptr, rows0, N0, out0_ptr, pid, BLOCK_R, BLOCK_N)
+    elif s == 1:
+        if HAS1:
+            _column_sums(block, rows123, N123, out1_ptr, pid, BLOCK_R, BLOCK_N)
+    elif s == 2:
+        _column_sums(block, rows123, N123, out2_ptr, pid, BLOCK_R, BLOCK_N)
+    else:
+        _column_sums(block, rows123, N123, out3_ptr, pid, BLOCK_R, BLOCK_N)
+
+
+def _launcher(kernel, traced: bool):
+    """The kernel as torch.compile needs to see it (wrap_triton) inside the triton_ops, the bare JIT function on
+    the eager path (no wrapper dispatch on the host)."""
+    return wrap_triton(kernel) if traced else kernel
+
+
+def _dropout_args(p: float) -> Tuple[int, float]:
+    return (keep_threshold(p), keep_scale(p)) if p > 0.0 else (256, 1.0)
 
 
 def _linear1(a: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, *, trans_b: bool, h: Optional[Tensor],
-             dbias_part: Optional[Tensor], seed: int, p: float):
+             dbias_part: Optional[Tensor], seed: Optional[Tensor], p: float, traced: bool):
     """out [M, N] = a [M, K] @ (weight^T if trans_b else weight) with linear1's epilogue (backward when h given)."""
     M, K = a.shape
     N = out.shape[1]
@@ -300,132 +425,184 @@ def _linear1(a: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, *, 
     kind = _kind(weight.dtype)
     cfg = _linear1_config(M, kind)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    wrap_triton(_linear1_kernel)[grid](
-        a, weight, bias, h, out, dbias_part, M, N, K, a.stride(0), a.stride(1), stride_bk, stride_bn,
-        seed, p, _keep_scale(p), BACKWARD=h is not None, HAS_BIAS=bias is not None, DROPOUT=p > 0.0,
+    _launcher(_linear1_kernel, traced)[grid](
+        a, weight, bias, h, out, dbias_part, seed, M, N, K, a.stride(0), a.stride(1), stride_bk, stride_bn,
+        _dropout_args(p)[0], BACKWARD=h is not None, HAS_BIAS=bias is not None, DROPOUT=p > 0.0 and h is None,
         INPUT_PRECISION="ieee" if kind == "ieee" else "tf32", **cfg)
 
 
-def _rows_bwd(g: Tensor, *, ln: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None, res: Optional[Tensor] = None,
-              dx: Optional[Tensor] = None, dy: Optional[Tensor] = None, seed: int = 0, p: float = 0.0):
-    """Launch `_rows_bwd_kernel`; ln = (x, weight, mean, rstd). Returns the partial sums (dw, db, dbias)."""
-    M, N = g.shape
-    cfg = _rows_config(_block_d(N))
-    blocks = triton.cdiv(M, cfg["BLOCK_M"])
-    part = torch.empty(3, blocks, N, device=g.device, dtype=torch.float32)
-    x, w, mean, rstd = ln if ln is not None else (None, None, None, None)
-    wrap_triton(_rows_bwd_kernel)[(blocks,)](
-        g, x, w, mean, rstd, res, dx, dy, part[0], part[1], part[2], M, N, seed, p, _keep_scale(p),
-        LAYER_NORM=ln is not None, RESIDUAL=res is not None, EMIT_DY=dy is not None, DROPOUT=p > 0.0, **cfg)
-    return part
+def _forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], gamma: Tensor,
+             beta: Tensor, seed: Optional[Tensor], eps: float, p: float, normalize_before: bool,
+             out_dtype: torch.dtype, traced: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x [M, D] contiguous; weights in the GEMM dtype. Returns (out, h, saved, stats).
 
-
-@triton_op("fastdetr::ffn_fwd", mutates_args={})
-def _ffn_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], gamma: Tensor,
-             beta: Tensor, eps: float, p: float, normalize_before: bool, seed: int,
-             out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """x [M, D] contiguous; weights in the GEMM dtype. Returns (out, h, saved, mean, rstd).
-
-    h [M, hidden] is the hidden activation after dropout; saved is LN(x) for pre-norm (linear1's input) and
-    the LayerNorm input z for post-norm; mean and rstd [M] belong to that LayerNorm.
+    h [M, hidden] is the hidden activation after dropout, without its scale (applied by linear2's epilogue and,
+    in the backward, folded into dy); saved is LN(x) for pre-norm (linear1's input) and
+    the LayerNorm input z for post-norm; stats [M, 2] = (mean, rstd) of that LayerNorm.
     """
     M, D = x.shape
     hidden = w1.shape[0]
     dtype = w1.dtype
-    mean = torch.empty(M, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    stats = torch.empty(M, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) per row
+    rows_cfg = _rows_config(_block_d(D))
+    rows_grid = (triton.cdiv(M, rows_cfg["BLOCK_M"]),)
     a = x
     if normalize_before:
         a = torch.empty(M, D, device=x.device, dtype=dtype)
-        cfg = _rows_config(_block_d(D))
-        wrap_triton(_layer_norm_fwd_kernel)[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-            x, gamma, beta, a, mean, rstd, M, D, eps, **cfg)
+        _launcher(_layer_norm_fwd_kernel, traced)[rows_grid](x, gamma, beta, a, stats, M, D, eps, **rows_cfg)
     h = torch.empty(M, hidden, device=x.device, dtype=dtype)
-    _linear1(a, w1, b1, h, trans_b=True, h=None, dbias_part=None, seed=seed, p=p)
+    _linear1(a, w1, b1, h, trans_b=True, h=None, dbias_part=None, seed=seed, p=p, traced=traced)
 
     out = torch.empty(M, D, device=x.device, dtype=out_dtype)
     # Post-norm keeps z for the LayerNorm backward; pre-norm keeps linear1's input for dW1.
     z = a if normalize_before else torch.empty(M, D, device=x.device, dtype=torch.promote_types(x.dtype, dtype))
     kind = _kind(dtype)
-    cfg = _linear2_config(_block_d(D), kind)
-    wrap_triton(_linear2_kernel)[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-        h, w2, b2, x, gamma, beta, out, z, mean, rstd, M, D, hidden, h.stride(0), h.stride(1), w2.stride(1),
-        w2.stride(0), seed + 1, p, _keep_scale(p), eps, HAS_BIAS=b2 is not None, DROPOUT=p > 0.0,
-        LAYER_NORM=not normalize_before, INPUT_PRECISION="ieee" if kind == "ieee" else "tf32", **cfg)
-    return out, h, z, mean, rstd
+    threshold, scale = _dropout_args(p)
+    if linear2_fused(M, D, kind, sm_count(x.device)):
+        cfg = _linear2_config(_block_d(D), kind)
+        _launcher(_linear2_kernel, traced)[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+            h, w2, b2, x, gamma, beta, out, z, stats, seed, M, D, hidden, h.stride(0), h.stride(1),
+            w2.stride(1), w2.stride(0), threshold, scale, eps, HAS_BIAS=b2 is not None, DROPOUT=p > 0.0,
+            LAYER_NORM=not normalize_before, INPUT_PRECISION="ieee" if kind == "ieee" else "tf32", **cfg)
+    else:
+        y = torch.mm(h, w2.t())
+        _launcher(_residual_rows_kernel, traced)[rows_grid](
+            y, b2, x, gamma, beta, out, z, stats, seed, M, D, threshold, scale, eps, HAS_BIAS=b2 is not None,
+            DROPOUT=p > 0.0, LAYER_NORM=not normalize_before, **rows_cfg)
+    return out, h, z, stats
 
 
-@triton_op("fastdetr::ffn_bwd", mutates_args={})
-def _ffn_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gamma: Tensor, h: Tensor, saved: Tensor,
-             mean: Tensor, rstd: Tensor, p: float, normalize_before: bool,
-             seed: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dx, dW1, db1, dW2, db2, dgamma, dbeta) of `_ffn_fwd` given grad_out [M, D]."""
+
+def _backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gamma: Tensor, h: Tensor, saved: Tensor,
+              stats: Tensor, seed: Optional[Tensor], p: float, normalize_before: bool, has_b1: bool, has_b2: bool,
+              traced: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx, dW1, db1, dW2, db2, dnorm) of `_forward` given grad_out [M, D], dnorm [2, D] = (dgamma,
+    dbeta); db1 and db2 are empty without their bias."""
     M, D = x.shape
     hidden = w1.shape[0]
     dtype = w1.dtype
     g = grad_out.contiguous()
+    rows_cfg = _rows_config(_block_d(D))
+    rows_blocks = triton.cdiv(M, rows_cfg["BLOCK_M"])
+    l1_blocks = triton.cdiv(M, _linear1_config(M, _kind(dtype))["BLOCK_M"])
+    # Every partial sum in one float32 workspace: [l1_blocks, hidden] (linear1 bias), then [3, rows_blocks, D]
+    # (linear2 bias, LayerNorm weight and bias), as `_sum_partials_kernel` reads them.
+    part = torch.empty(l1_blocks * hidden + 3 * rows_blocks * D, device=x.device, dtype=torch.float32)
+    part_rows = l1_blocks * hidden  # element offset of the row kernels' block
+    rows_kernel = _launcher(_rows_bwd_kernel, traced)
+    threshold, scale = _dropout_args(p)
+    dropout = p > 0.0
+
     dy = torch.empty(M, D, device=x.device, dtype=dtype)  # gradient at linear2's output (before dropout)
     if normalize_before:
-        part_y = _rows_bwd(g, dy=dy, seed=seed + 1, p=p)
+        rows_kernel[(rows_blocks,)](g, None, None, None, None, None, dy, part[part_rows:], seed, M, D, threshold,
+                                    scale, LAYER_NORM=False, RESIDUAL=False, EMIT_DY=True, DROPOUT=dropout,
+                                    **rows_cfg)
     else:
         dz = torch.empty(M, D, device=x.device, dtype=x.dtype)
-        part_y = _rows_bwd(g, ln=(saved, gamma, mean, rstd), dx=dz, dy=dy, seed=seed + 1, p=p)
+        rows_kernel[(rows_blocks,)](g, saved, gamma, stats, None, dz, dy, part[part_rows:], seed, M, D, threshold,
+                                    scale, LAYER_NORM=True, RESIDUAL=False, EMIT_DY=True, DROPOUT=dropout,
+                                    **rows_cfg)
 
     dh = torch.empty(M, hidden, device=x.device, dtype=dtype)
-    cfg = _linear1_config(M, _kind(dtype))
-    db1_part = torch.empty(triton.cdiv(M, cfg["BLOCK_M"]), hidden, device=x.device, dtype=torch.float32)
-    _linear1(dy, w2, None, dh, trans_b=False, h=h, dbias_part=db1_part, seed=seed, p=p)
+    _linear1(dy, w2, None, dh, trans_b=False, h=h, dbias_part=part, seed=None, p=p, traced=traced)
 
     a = saved if normalize_before else x.to(dtype)
     dw1 = torch.matmul(dh.t(), a)
     dw2 = torch.matmul(dy.t(), h)
     if normalize_before:
-        da = torch.matmul(dh, w1)
         dx = torch.empty_like(x)
-        part_ln = _rows_bwd(da, ln=(x, gamma, mean, rstd), res=g, dx=dx)
-        dgamma, dbeta = part_ln[0].sum(0), part_ln[1].sum(0)
+        rows_kernel[(rows_blocks,)](torch.matmul(dh, w1), x, gamma, stats, g, dx, None, part[part_rows:], None, M, D,
+                                    threshold, scale, LAYER_NORM=True, RESIDUAL=True, EMIT_DY=False, DROPOUT=False,
+                                    **rows_cfg)
     else:
         # One cuBLAS call adds the residual gradient when the dtypes agree (no autocast).
         dx = torch.addmm(dz, dh, w1) if dz.dtype == dtype else dz.add_(torch.matmul(dh, w1))
-        dgamma, dbeta = part_y[0].sum(0), part_y[1].sum(0)
-    return dx, dw1, db1_part.sum(0), dw2, part_y[2].sum(0), dgamma, dbeta
+
+    db1 = torch.empty(hidden if has_b1 else 0, device=x.device, dtype=dtype)
+    db2 = torch.empty(D if has_b2 else 0, device=x.device, dtype=dtype)
+    dnorm = torch.empty(2, D, device=x.device, dtype=gamma.dtype)
+    cfg = _SUMS_CONFIG
+    grid = (triton.cdiv(max(hidden if has_b1 else 0, D), cfg["BLOCK_N"]), 4)
+    _launcher(_sum_partials_kernel, traced)[grid](part, db1, db2, dnorm[0], dnorm[1], l1_blocks, rows_blocks, hidden,
+                                                  D, HAS0=has_b1, HAS1=has_b2, **cfg)
+    return dx, dw1, db1, dw2, db2, dnorm
+
+
+# torch.compile path: custom ops whose kernels torch.compile sees through wrap_triton.
+
+@triton_op("fastdetr::ffn_fwd", mutates_args={})
+def _ffn_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], gamma: Tensor,
+             beta: Tensor, seed: Optional[Tensor], eps: float, p: float, normalize_before: bool,
+             out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`_forward` as a custom op: (out, h, saved, stats)."""
+    return _forward(x, w1, b1, w2, b2, gamma, beta, seed, eps, p, normalize_before, out_dtype, traced=True)
+
+
+@triton_op("fastdetr::ffn_bwd", mutates_args={})
+def _ffn_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gamma: Tensor, h: Tensor, saved: Tensor,
+             stats: Tensor, seed: Optional[Tensor], p: float, normalize_before: bool, has_b1: bool,
+             has_b2: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`_backward` as a custom op."""
+    return _backward(grad_out, x, w1, w2, gamma, h, saved, stats, seed, p, normalize_before, has_b1, has_b2,
+                     traced=True)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, gamma, beta, eps, p, normalize_before, seed, out_dtype = inputs
-    _, h, saved, mean, rstd = output
-    ctx.save_for_backward(x, w1, w2, gamma, beta, h, saved, mean, rstd)
+    x, w1, b1, w2, b2, gamma, beta, seed, eps, p, normalize_before, out_dtype = inputs
+    _, h, saved, stats = output
+    ctx.save_for_backward(x, w1, w2, gamma, h, saved, stats, seed)
     ctx.has_bias = (b1 is not None, b2 is not None)
-    ctx.p, ctx.normalize_before, ctx.seed = p, normalize_before, seed
-    ctx.mark_non_differentiable(h, saved, mean, rstd)
+    ctx.p, ctx.normalize_before = p, normalize_before
+    ctx.mark_non_differentiable(h, saved, stats)
 
 
-def _backward(ctx, grad_out, *_):
-    x, w1, w2, gamma, beta, h, saved, mean, rstd = ctx.saved_tensors
-    dx, dw1, db1, dw2, db2, dgamma, dbeta = torch.ops.fastdetr.ffn_bwd(
-        grad_out, x, w1, w2, gamma, h, saved, mean, rstd, ctx.p, ctx.normalize_before, ctx.seed)
-    has_b1, has_b2 = ctx.has_bias
-    return (dx, dw1, db1.to(w1.dtype) if has_b1 else None, dw2, db2.to(w2.dtype) if has_b2 else None,
-            dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None, None, None)
+def _grads(has_bias, grads):
+    dx, dw1, db1, dw2, db2, dnorm = grads
+    return (dx, dw1, db1 if has_bias[0] else None, dw2, db2 if has_bias[1] else None, dnorm[0], dnorm[1], None,
+            None, None, None, None)
 
 
-_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _op_backward(ctx, grad_out, *_):
+    x, w1, w2, gamma, h, saved, stats, seed = ctx.saved_tensors
+    grads = torch.ops.fastdetr.ffn_bwd(grad_out, x, w1, w2, gamma, h, saved, stats, seed, ctx.p,
+                                       ctx.normalize_before, *ctx.has_bias)
+    return _grads(ctx.has_bias, grads)
 
 
-def _draw_seed() -> int:
-    # torch's CPU generator: torch.manual_seed reproduces it, and drawing it never waits on the GPU.
-    return int(torch.randint(0, 2**31 - 2, (1,)).item())
+_ffn_fwd.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _FFN(torch.autograd.Function):
+    """The eager path: the same host functions, the kernels launched directly (no custom-op dispatch)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, gamma, beta, seed, eps, p, normalize_before, out_dtype):
+        out, h, saved, stats = _forward(x, w1, b1, w2, b2, gamma, beta, seed, eps, p, normalize_before, out_dtype,
+                                        traced=False)
+        ctx.save_for_backward(x, w1, w2, gamma, h, saved, stats, seed)
+        ctx.has_bias = (b1 is not None, b2 is not None)
+        ctx.p, ctx.normalize_before = p, normalize_before
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w1, w2, gamma, h, saved, stats, seed = ctx.saved_tensors
+        grads = _backward(grad_out, x, w1, w2, gamma, h, saved, stats, seed, ctx.p, ctx.normalize_before,
+                          *ctx.has_bias, traced=False)
+        return _grads(ctx.has_bias, grads)
 
 
 def ffn(x: Tensor, linear1_weight: Tensor, linear1_bias: Optional[Tensor], linear2_weight: Tensor,
         linear2_bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Tensor, eps: float = 1e-5,
-        dropout_p: float = 0.0, normalize_before: bool = False, seed: Optional[int] = None) -> Tensor:
+        dropout_p: float = 0.0, normalize_before: bool = False, seed: Optional[Tensor] = None) -> Tensor:
     """DETR's FFN sublayer with ReLU, as `fastdetr.ops.ffn_reference`, over x [..., d_model] -> [..., d_model].
 
     linear1_weight [hidden, d_model], linear2_weight [d_model, hidden], norm_* [d_model]; d_model <= 512.
-    Dropout (whenever dropout_p > 0, as F.dropout) draws its seed from torch's CPU generator unless `seed` is given;
-    `ffn_keep_masks(seed, ...)` returns the masks a seed gives. Under torch.autocast the GEMMs run in the autocast
-    dtype and the result has the dtype the eager reference would give.
+    Dropout (whenever dropout_p > 0, as F.dropout) keeps with the 8-bit quantised probability of
+    `fastdetr.kernels.rng` (p in [1/512, 1 - 1/512]); its seed, an int64 tensor [1] on x's device, is drawn from
+    that device's generator unless given; `ffn_keep_masks(seed, ...)` returns the masks it gives. Under
+    torch.autocast the GEMMs run in the autocast dtype and the result has the dtype the eager reference would give.
     """
     d_model = x.shape[-1]
     if d_model > MAX_D_MODEL:
@@ -434,7 +611,8 @@ def ffn(x: Tensor, linear1_weight: Tensor, linear1_bias: Optional[Tensor], linea
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
     weights = (linear1_weight, linear1_bias, linear2_weight, linear2_bias)
     compute = linear1_weight.dtype
-    autocast = torch.is_autocast_enabled(x.device.type)
+    # (meta tensors, on which benchmarks/static_ffn.py measures host time, have no autocast to ask about)
+    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
     if autocast:
         compute = torch.get_autocast_dtype(x.device.type)
         weights = tuple(None if t is None else t.to(compute) for t in weights)
@@ -442,22 +620,23 @@ def ffn(x: Tensor, linear1_weight: Tensor, linear1_bias: Optional[Tensor], linea
     if autocast and not normalize_before and x.device.type in _AUTOCAST_FP32_LAYER_NORM:
         out_dtype = torch.float32
     if dropout_p == 0.0:
-        seed = 0
-    elif seed is None:
-        seed = _draw_seed()
-    out = torch.ops.fastdetr.ffn_fwd(x.reshape(-1, d_model).contiguous(), *weights, norm_weight, norm_bias,
-                                     float(eps), float(dropout_p), normalize_before, seed, out_dtype)[0]
+        seed = None
+    else:
+        keep_threshold(dropout_p)  # refuses a p the 8-bit bits cannot represent, before anything runs
+        if seed is None:
+            seed = draw_seed(x.device)
+    rows = x.reshape(-1, d_model).contiguous()
+    args = (rows, *weights, norm_weight, norm_bias, seed, float(eps), float(dropout_p), normalize_before, out_dtype)
+    if torch.compiler.is_compiling():
+        out = torch.ops.fastdetr.ffn_fwd(*args)[0]
+    else:
+        out = _FFN.apply(*args)
     return out.view(x.shape)
 
 
-def ffn_keep_masks(seed: int, rows: int, hidden: int, d_model: int, dropout_p: float,
-                   device: torch.device) -> Tuple[Tensor, Tensor]:
-    """Debug path: the keep masks ([rows, hidden] after linear1, [rows, d_model] after linear2) for a seed."""
-    masks = []
-    for s, n in ((seed, hidden), (seed + 1, d_model)):
-        keep = torch.empty(rows, n, device=device, dtype=torch.bool)
-        cfg = _KEEP_MASK_CONFIG
-        grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
-        _keep_mask_kernel[grid](keep, rows, n, s, dropout_p, **cfg)
-        masks.append(keep)
-    return masks[0], masks[1]
+def ffn_keep_masks(seed: Tensor, rows: int, hidden: int, d_model: int,
+                   dropout_p: float) -> Tuple[Tensor, Tensor]:
+    """Debug path: the keep masks ([rows, hidden] after linear1, [rows, d_model] after linear2) of a seed tensor;
+    kept values are scaled by `fastdetr.kernels.rng.keep_scale(dropout_p)`."""
+    return (keep_mask(seed, STREAM_HIDDEN.value, rows, hidden, dropout_p),
+            keep_mask(seed, STREAM_OUT.value, rows, d_model, dropout_p))

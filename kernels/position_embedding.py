@@ -3,6 +3,17 @@
 mask [B, H, W] bool (True = padding) -> [B, 2F, H, W], or [H*W, B, 2F] with flatten=True (the layout the
 transformer consumes, so the permute + flatten disappears). Channels are the y half then the x half, each
 alternating sin (even) and cos (odd) of the running count of unpadded pixels divided by temperature^(2*(i//2)/F).
+
+Numerics. The running counts are exact int32 cumulative sums (a tile adds the counts of the tiles before it),
+converted to float32 as the reference's float32 cumsum gives them. Normalisation divides by the row / column
+total + 1e-6 with a correctly rounded division (div_rn, as the reference's `/`) and multiplies by `scale`; dim_t
+is the reference's float32 pow, computed via float64 exp2/log2 and rounded once; sin and cos are libdevice's
+accurate ones (no fast-math approximations), on arguments up to scale (normalised) or H, W (not). Masking:
+pixels outside the map are never stored; a fully padded image has zero counts, so sin 0 and cos 1 as in the
+reference. No randomness, no gradient.
+
+Binding. DETR computes the embedding once per forward (the backbone's Joiner) and the encoder and decoder share
+it; eager calls launch the kernel directly with no dispatch layer, the triton_op exists for torch.compile.
 """
 import math
 from typing import List, Optional
@@ -103,9 +114,8 @@ def _position_embedding_sine_kernel(
     tl.store(out_ptr + offs + step, tl.cos(arg), mask=inside)
 
 
-@triton_op("fastdetr::position_embedding_sine", mutates_args={})
-def _position_embedding_sine_op(mask: torch.Tensor, num_pos_feats: int, temperature: float, normalize: bool,
-                                scale: float, dtype: torch.dtype, flatten: bool) -> torch.Tensor:
+def _embed(mask: torch.Tensor, num_pos_feats: int, temperature: float, normalize: bool, scale: float,
+           dtype: torch.dtype, flatten: bool, traced: bool) -> torch.Tensor:
     B, H, W = mask.shape
     mask = mask.contiguous()
     if flatten:
@@ -115,10 +125,17 @@ def _position_embedding_sine_op(mask: torch.Tensor, num_pos_feats: int, temperat
     cfg = _CONFIG
     grid = (triton.cdiv(H, cfg["BLOCK_H"]) * triton.cdiv(W, cfg["BLOCK_W"]), triton.cdiv(num_pos_feats, cfg["BLOCK_C"]),
             B)
-    wrap_triton(_position_embedding_sine_kernel)[grid](
-        mask, out, B, H, W, num_pos_feats, temperature, scale, NORMALIZE=normalize, FLATTEN=flatten,
-        BLOCK_H=cfg["BLOCK_H"], BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    # torch.compile needs the kernel wrapped (inside the triton_op); eager launches it bare, with no wrapper.
+    kernel = wrap_triton(_position_embedding_sine_kernel) if traced else _position_embedding_sine_kernel
+    kernel[grid](mask, out, B, H, W, num_pos_feats, temperature, scale, NORMALIZE=normalize, FLATTEN=flatten,
+                 BLOCK_H=cfg["BLOCK_H"], BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     return out
+
+
+@triton_op("fastdetr::position_embedding_sine", mutates_args={})
+def _position_embedding_sine_op(mask: torch.Tensor, num_pos_feats: int, temperature: float, normalize: bool,
+                                scale: float, dtype: torch.dtype, flatten: bool) -> torch.Tensor:
+    return _embed(mask, num_pos_feats, temperature, normalize, scale, dtype, flatten, traced=True)
 
 
 def position_embedding_sine(mask: torch.Tensor, num_pos_feats: int = 128, temperature: float = 10000,
@@ -128,6 +145,8 @@ def position_embedding_sine(mask: torch.Tensor, num_pos_feats: int = 128, temper
 
     Returns [B, 2 * num_pos_feats, H, W], or [H*W, B, 2 * num_pos_feats] with flatten=True. Matches
     `fastdetr.ops.position_embedding_sine_reference`; scale (default 2*pi) applies only with normalize=True.
+    Eager calls launch the kernel directly (no gradient, so no autograd binding); under torch.compile it is the
+    custom op fastdetr::position_embedding_sine.
     """
     if scale is not None and not normalize:
         raise ValueError("normalize should be True if scale is passed")
@@ -135,6 +154,8 @@ def position_embedding_sine(mask: torch.Tensor, num_pos_feats: int = 128, temper
         raise ValueError(f"num_pos_feats must be a positive even number, got {num_pos_feats}")
     if mask.dim() != 3 or mask.dtype != torch.bool:
         raise ValueError(f"mask must be a [B, H, W] bool tensor, got {tuple(mask.shape)} {mask.dtype}")
-    scale = 2 * math.pi if scale is None else scale
-    return torch.ops.fastdetr.position_embedding_sine(mask, num_pos_feats, float(temperature), normalize,
-                                                      float(scale), dtype, flatten)
+    scale = 2 * math.pi if scale is None else float(scale)
+    if torch.compiler.is_compiling():
+        return torch.ops.fastdetr.position_embedding_sine(mask, num_pos_feats, float(temperature), normalize, scale,
+                                                          dtype, flatten)
+    return _embed(mask, num_pos_feats, float(temperature), normalize, scale, dtype, flatten, traced=False)

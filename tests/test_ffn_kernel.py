@@ -1,4 +1,6 @@
 """The Triton FFN sublayer in the interpreter: forward and every gradient against a float64 reference, dropout."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +8,11 @@ import torch.nn.functional as F
 import fastdetr
 from fastdetr.kernels import ffn
 from fastdetr.kernels.ffn import ffn_keep_masks
+from fastdetr.kernels.rng import effective_dropout_p, keep_scale
 from fastdetr.ops import ffn_reference
+
+# the module (the package's `ffn` attribute is the function)
+ffn_module = importlib.import_module("fastdetr.kernels.ffn")
 
 # ||out - ref|| / ||ref|| against float64; fp32 GEMMs run with input_precision="ieee". In fp16 a ReLU whose input
 # rounds across zero moves a whole gradient entry, for the eager fp16 path just as much: there the bound is
@@ -57,7 +63,7 @@ def _check(results, ref_results, tol, eager_results=None):
     ((7, 3), 48, 100),  # leading dims; d_model and hidden that no tile divides
     ((37,), 256, 96),  # DETR's d_model: the LayerNorm epilogue holds 256 columns
 ])
-def test_matches_float64_reference(lead, d_model, hidden, dtype, normalize_before):
+def test_matches_float64_reference(lead, d_model, hidden, dtype, normalize_before, linear2_path):
     inputs = _params(lead, d_model, hidden, dtype)
     out = ffn(*inputs, normalize_before=normalize_before)
     assert out.shape == inputs[0].shape and out.dtype == dtype
@@ -76,7 +82,7 @@ def test_matches_float64_reference(lead, d_model, hidden, dtype, normalize_befor
 
 
 @pytest.mark.parametrize("normalize_before", [False, True], ids=["post_norm", "pre_norm"])
-def test_without_biases(normalize_before):
+def test_without_biases(normalize_before, linear2_path):
     inputs = _params((37,), 64, 96, bias=False)
     out = ffn(*inputs, normalize_before=normalize_before)
     grad_out = torch.randn_like(out)
@@ -87,25 +93,45 @@ def test_without_biases(normalize_before):
 
 
 def _masked_reference(inputs, keep1, keep2, p, normalize_before, eps=1e-5):
-    """ffn_reference with the given dropout keep masks in place of F.dropout."""
+    """ffn_reference with the given dropout keep masks in place of F.dropout (kept values scaled as the kernels
+    scale them: by the inverse of the quantised keep probability)."""
     x, w1, b1, w2, b2, gamma, beta = inputs
-    scale = 1.0 / (1.0 - p)
+    scale = keep_scale(p)
     a = F.layer_norm(x, x.shape[-1:], gamma, beta, eps) if normalize_before else x
     h = F.relu(F.linear(a, w1, b1)) * keep1 * scale
     out = x + F.linear(h, w2, b2) * keep2 * scale
     return out if normalize_before else F.layer_norm(out, x.shape[-1:], gamma, beta, eps)
 
 
+@pytest.fixture(params=["cublas_rows", "fused"])
+def linear2_path(request, monkeypatch):
+    """linear2 as F.linear + the row epilogue kernel (what DETR's shapes get), or as the fused GEMM + epilogue
+    kernel (chosen where its programs fill every SM: forced here by planning for a one-SM GPU)."""
+    sms = 1 if request.param == "fused" else ffn_module.DEFAULT_SMS
+    monkeypatch.setattr(ffn_module, "sm_count", lambda device: sms)
+    return request.param
+
+
+def test_linear2_path_follows_the_sm_count():
+    # 64-row tiles of d_model 256: fused once its programs cover every SM
+    assert not ffn_module.linear2_fused(64 * 131, 256, "16bit", 132)
+    assert ffn_module.linear2_fused(64 * 132, 256, "16bit", 132)
+    assert not ffn_module.linear2_fused(6800, 256, "16bit", 132)  # DETR's encoder at batch 8: 107 programs
+
+
+SEED = torch.tensor([0x5EED_1234_ABCD], dtype=torch.int64)
+
+
 @pytest.mark.parametrize("normalize_before", [False, True], ids=["post_norm", "pre_norm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_dropout_forward_backward_use_the_debug_masks(dtype, normalize_before):
-    p, seed = 0.3, 1234
+def test_dropout_forward_backward_use_the_debug_masks(dtype, normalize_before, linear2_path):
+    p = 0.3
     inputs = _params((101,), 64, 96, dtype)
-    out = ffn(*inputs, dropout_p=p, normalize_before=normalize_before, seed=seed)
+    out = ffn(*inputs, dropout_p=p, normalize_before=normalize_before, seed=SEED)
     grad_out = torch.randn_like(out)
     results = [out, *_grads(out, inputs, grad_out)]
 
-    keep1, keep2 = ffn_keep_masks(seed, 101, 96, 64, p, device=out.device)
+    keep1, keep2 = ffn_keep_masks(SEED, 101, 96, 64, p)
     ref_inputs = _float64(inputs)
     ref = _masked_reference(ref_inputs, keep1, keep2, p, normalize_before)
     ref_results = [ref, *_grads(ref, ref_inputs, grad_out.double())]
@@ -116,25 +142,27 @@ def test_dropout_forward_backward_use_the_debug_masks(dtype, normalize_before):
     _check(results, ref_results, TOL[dtype], eager_results)
 
 
+def test_the_two_dropout_sites_draw_different_bits():
+    keep1, keep2 = ffn_keep_masks(SEED, 101, 96, 64, 0.5)
+    assert 0.4 < (keep1[:, :64] != keep2).float().mean() < 0.6
+    keep1_other = ffn_keep_masks(SEED + 1, 101, 96, 64, 0.5)[0]
+    assert 0.4 < (keep1_other != keep1).float().mean() < 0.6
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_keep_rate(p):
-    keep1, keep2 = ffn_keep_masks(99, 101, 96, 64, p, device="cpu")
-    for keep in (keep1, keep2):
-        n = keep.numel()
-        sigma = (p * (1 - p) / n) ** 0.5
-        assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
-    # The two layers and two seeds draw different bits.
-    assert (keep1[:, :64] != keep2).float().mean() > p / 2
-    assert (ffn_keep_masks(100, 101, 96, 64, p, device="cpu")[0] != keep1).float().mean() > p / 2
-
-
-def test_output_dropout_rate():
+def test_output_dropout_rate(p, linear2_path):
     # Pre-norm returns x + dropout(y): a dropped entry is exactly x, a kept one almost never is.
-    p = 0.5
     inputs = [t.detach() for t in _params((101,), 64, 96)]
-    out = ffn(*inputs, dropout_p=p, normalize_before=True, seed=5)
+    out = ffn(*inputs, dropout_p=p, normalize_before=True, seed=SEED)
     dropped = (out == inputs[0]).float().mean().item()
-    assert abs(dropped - p) < 5 * (p * (1 - p) / out.numel()) ** 0.5
+    expected = effective_dropout_p(p)
+    assert abs(dropped - expected) < 5 * (expected * (1 - expected) / out.numel()) ** 0.5
+
+
+def test_unrepresentable_dropout_rejected():
+    inputs = [t.detach() for t in _params((3,), 16, 16)]
+    with pytest.raises(ValueError, match="rounds to keeping"):
+        ffn(*inputs, dropout_p=1e-4)
 
 
 def test_seeded_by_torch_manual_seed():
@@ -182,3 +210,41 @@ def test_wide_d_model_rejected():
     x, w1, b1, w2, b2, gamma, beta = [t.detach() for t in _params((3,), 520, 16)]
     with pytest.raises(ValueError, match="d_model"):
         ffn(x, w1, b1, w2, b2, gamma, beta)
+
+
+def test_custom_op_path_matches_the_eager_binding():
+    # torch.compile sees the FFN as the fastdetr::ffn_fwd / ffn_bwd triton_ops (the eager path skips their
+    # dispatch): the ops pass torch's custom-op checks and give exactly what the eager binding gives. (The fake
+    # tensor check needs CUDA: the interpreter launches kernels on fake tensors.)
+    inputs = _params((37,), 64, 96)
+    op_args = (inputs[0], *inputs[1:], SEED, 1e-5, 0.2, False, torch.float32)
+    torch.library.opcheck(torch.ops.fastdetr.ffn_fwd.default, op_args,
+                          test_utils=("test_schema", "test_autograd_registration"))
+    out = torch.ops.fastdetr.ffn_fwd(*op_args)[0]
+    eager = ffn(*inputs, dropout_p=0.2, seed=SEED)
+    grad_out = torch.randn_like(out)
+    assert torch.equal(out, eager)
+    for got, expected in zip(_grads(out, inputs, grad_out), _grads(eager, inputs, grad_out)):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("normalize_before,expected", [(False, 5), (True, 7)], ids=["post_norm", "pre_norm"])
+def test_triton_launches_per_training_call(monkeypatch, normalize_before, expected):
+    # forward: linear1, linear2's epilogue (+ LN(x) pre-norm); backward: the row pass, dh, the gradient sums
+    # (+ the LayerNorm row pass pre-norm). GEMMs through cuBLAS and the seed draw are torch's launches.
+    launches = []
+    launcher = ffn_module._launcher
+
+    class Counted:
+        def __init__(self, kernel, traced):
+            self.kernel = launcher(kernel, traced)
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(ffn_module, "_launcher", Counted)
+    inputs = _params((37,), 64, 96)
+    out = ffn(*inputs, dropout_p=0.1, normalize_before=normalize_before)
+    _grads(out, inputs, torch.ones_like(out))
+    assert len(launches) == expected

@@ -9,8 +9,8 @@ warpgroup MMA needs, else mma.sync), except exact fp32 ("ieee"), which must stay
 import pytest
 
 from aot_utils import assert_no_spills, assert_shared_fits, assert_tensor_cores, submit_report
-from fastdetr.kernels.ffn import (_keep_mask_kernel, _layer_norm_fwd_kernel, _linear1_kernel, _linear2_kernel,
-                                  _rows_bwd_kernel, ffn_configs)
+from fastdetr.kernels.ffn import (_layer_norm_fwd_kernel, _linear1_kernel, _linear2_kernel, _residual_rows_kernel,
+                                  _rows_bwd_kernel, _sum_partials_kernel, ffn_configs)
 from fastdetr.kernels.position_embedding import _position_embedding_sine_kernel, position_embedding_configs
 
 CCS = (80, 90)
@@ -23,7 +23,9 @@ DTYPES = {
     "ieee": [("fp32-ieee", "*fp32", "*fp32", "*fp32")],
 }
 ROW_DTYPES = [("fp16", "*fp16"), ("bf16", "*bf16"), ("fp32", "*fp32")]
-DROPOUT = dict(seed=1234567, p=0.1, keep_scale=1 / 0.9)
+# p = 0.1: threshold 230 (not a specialisation key), scale 256/230; the seed is an int64 device tensor.
+DROPOUT = dict(seed_ptr="*i64", threshold=230, keep_scale=256 / 230)
+NO_DROPOUT = dict(seed_ptr=None, threshold=256, keep_scale=1.0)
 
 
 def _split(cfg):
@@ -32,23 +34,30 @@ def _split(cfg):
     return constexprs, cfg["num_warps"], cfg.get("num_stages", 3)
 
 
+def linear1_args(kind, cfg, op, res, backward=False, dropout=True):
+    """Launch arguments of `_linear1_kernel` at DETR's shapes (forward: a = x or LN(x) [M, 256] of type res,
+    b = W1^T viewed from W1 [2048, 256]; backward: a = dy [M, 256], b = W2 [256, 2048], h the hidden activation)."""
+    constexprs, _, _ = _split(cfg)
+    common = dict(M=ROWS, N=HIDDEN, K=256, stride_am=256, stride_ak=1,
+                  INPUT_PRECISION="ieee" if kind == "ieee" else "tf32", **constexprs)
+    if backward:
+        return dict(a_ptr=op, b_ptr=op, bias_ptr=None, h_ptr=op, out_ptr=op, dbias_ptr="*fp32", stride_bk=HIDDEN,
+                    stride_bn=1, BACKWARD=True, HAS_BIAS=False, DROPOUT=False, seed_ptr=None, threshold=230, **common)
+    rng = dict(seed_ptr="*i64" if dropout else None, threshold=230)
+    return dict(a_ptr=res, b_ptr=op, bias_ptr=op, h_ptr=None, out_ptr=op, dbias_ptr=None, stride_bk=1,
+                stride_bn=256, BACKWARD=False, HAS_BIAS=True, DROPOUT=dropout, **rng, **common)
+
+
 def _linear1_cases():
     for kind, cfg in ffn_configs()["linear1"]:
-        constexprs, warps, stages = _split(cfg)
+        _, warps, stages = _split(cfg)
         for name, op, res, _ in DTYPES[kind]:
-            precision = "ieee" if kind == "ieee" else "tf32"
-            common = dict(M=ROWS, N=HIDDEN, K=256, stride_am=256, stride_ak=1, INPUT_PRECISION=precision,
-                          DROPOUT=True, **DROPOUT, **constexprs)
-            # forward: a = x (or LN(x)) [M, 256], b = W1^T viewed from W1 [2048, 256]
-            yield f"linear1-fwd-{name}-m{cfg['BLOCK_M']}", _linear1_kernel, dict(
-                a_ptr=res, b_ptr=op, bias_ptr=op, h_ptr=None, out_ptr=op, dbias_ptr=None, stride_bk=1,
-                stride_bn=256, BACKWARD=False, HAS_BIAS=True, **common), warps, stages, kind
+            yield f"linear1-fwd-{name}-m{cfg['BLOCK_M']}", _linear1_kernel, linear1_args(kind, cfg, op, res), \
+                warps, stages, kind
             if name.endswith("autocast"):
                 continue
-            # backward: a = dy [M, 256], b = W2 [256, 2048], h = the forward's hidden activation
-            yield f"linear1-bwd-{name}-m{cfg['BLOCK_M']}", _linear1_kernel, dict(
-                a_ptr=op, b_ptr=op, bias_ptr=None, h_ptr=op, out_ptr=op, dbias_ptr="*fp32", stride_bk=HIDDEN,
-                stride_bn=1, BACKWARD=True, HAS_BIAS=False, **common), warps, stages, kind
+            yield f"linear1-bwd-{name}-m{cfg['BLOCK_M']}", _linear1_kernel, \
+                linear1_args(kind, cfg, op, op, backward=True), warps, stages, kind
 
 
 def _linear2_cases():
@@ -59,8 +68,8 @@ def _linear2_cases():
             # post-norm, the heavier epilogue: bias, dropout, residual and LayerNorm
             yield f"linear2-{name}-d{d_model}", _linear2_kernel, dict(
                 a_ptr=op, b_ptr=op, bias_ptr=op, x_ptr=res, w_ptr=ln, beta_ptr=ln, out_ptr=res, z_ptr=res,
-                mean_ptr="*fp32", rstd_ptr="*fp32", M=ROWS, N=d_model, K=HIDDEN, stride_am=HIDDEN, stride_ak=1,
-                stride_bk=1, stride_bn=HIDDEN, eps=1e-5, HAS_BIAS=True, DROPOUT=True, LAYER_NORM=True,
+                stats_ptr="*fp32", M=ROWS, N=d_model, K=HIDDEN, stride_am=HIDDEN, stride_ak=1, stride_bk=1,
+                stride_bn=HIDDEN, eps=1e-5, HAS_BIAS=True, DROPOUT=True, LAYER_NORM=True,
                 INPUT_PRECISION="ieee" if kind == "ieee" else "tf32", **DROPOUT, **constexprs), warps, stages, kind
 
 
@@ -68,29 +77,37 @@ def _rows_cases():
     for _, cfg in ffn_configs()["rows"]:
         constexprs, warps, stages = _split(cfg)
         d_model = cfg["BLOCK_N"]
-        for name, t in ROW_DTYPES:
-            shape = dict(M=ROWS, N=d_model, **constexprs)
+        shape = dict(M=ROWS, N=d_model, **constexprs)
+        # (name, GEMM dtype, x / residual dtype, LayerNorm parameter dtype), as for the GEMMs
+        for name, op, res, ln in [(n, t, t, t) for n, t in ROW_DTYPES] + [("bf16-autocast", "*bf16", "*fp32",
+                                                                           "*fp32")]:
             yield f"layer_norm_fwd-{name}-d{d_model}", _layer_norm_fwd_kernel, dict(
-                x_ptr=t, w_ptr=t, b_ptr=t, y_ptr=t, mean_ptr="*fp32", rstd_ptr="*fp32", eps=1e-5, **shape), \
-                warps, stages, None
-            ln = dict(x_ptr=t, w_ptr=t, mean_ptr="*fp32", rstd_ptr="*fp32", dw_part_ptr="*fp32",
-                      db_part_ptr="*fp32", dbias_part_ptr="*fp32", **shape)
-            no_ln = {**ln, "x_ptr": None, "w_ptr": None, "mean_ptr": None, "rstd_ptr": None, "dw_part_ptr": None,
-                     "db_part_ptr": None}
+                x_ptr=res, w_ptr=ln, b_ptr=ln, y_ptr=op, stats_ptr="*fp32", eps=1e-5, **shape), warps, stages, None
+            for layer_norm in (True, False):
+                yield f"residual_rows-{'post' if layer_norm else 'pre'}_norm-{name}-d{d_model}", \
+                    _residual_rows_kernel, dict(y_ptr=op, bias_ptr=op, x_ptr=res, w_ptr=ln, beta_ptr=ln, out_ptr=res, z_ptr=res,
+                                                stats_ptr="*fp32", eps=1e-5, HAS_BIAS=True, DROPOUT=True,
+                                                LAYER_NORM=layer_norm,
+                                                **DROPOUT, **shape), warps, stages, None
+            common = dict(stats_ptr="*fp32", part_ptr="*fp32", **shape)
             variants = {
-                "post_norm": dict(ln, g_ptr=t, res_ptr=None, dx_ptr=t, dy_ptr=t, LAYER_NORM=True, RESIDUAL=False,
-                                  EMIT_DY=True, DROPOUT=True, **DROPOUT),
-                "pre_norm_dy": dict(no_ln, g_ptr=t, res_ptr=None, dx_ptr=None, dy_ptr=t, LAYER_NORM=False,
-                                    RESIDUAL=False, EMIT_DY=True, DROPOUT=True, **DROPOUT),
-                "pre_norm_dx": dict(ln, g_ptr=t, res_ptr=t, dx_ptr=t, dy_ptr=None, LAYER_NORM=True, RESIDUAL=True,
-                                    EMIT_DY=False, DROPOUT=False, seed=0, p=0.0, keep_scale=1.0),
+                "post_norm": dict(common, g_ptr=res, x_ptr=res, w_ptr=ln, res_ptr=None, dx_ptr=res, dy_ptr=op,
+                                  LAYER_NORM=True, RESIDUAL=False, EMIT_DY=True, DROPOUT=True, **DROPOUT),
+                "pre_norm_dy": dict(common, g_ptr=res, x_ptr=None, w_ptr=None, stats_ptr=None, res_ptr=None,
+                                    dx_ptr=None, dy_ptr=op, LAYER_NORM=False, RESIDUAL=False, EMIT_DY=True,
+                                    DROPOUT=True, **DROPOUT),
+                "pre_norm_dx": dict(common, g_ptr=op, x_ptr=res, w_ptr=ln, res_ptr=res, dx_ptr=res, dy_ptr=None,
+                                    LAYER_NORM=True, RESIDUAL=True, EMIT_DY=False, DROPOUT=False, **NO_DROPOUT),
             }
             for variant, args in variants.items():
                 yield f"rows_bwd-{variant}-{name}-d{d_model}", _rows_bwd_kernel, args, warps, stages, None
-    for _, cfg in ffn_configs()["keep_mask"]:
+    for _, cfg in ffn_configs()["sums"]:
         constexprs, warps, stages = _split(cfg)
-        yield "keep_mask", _keep_mask_kernel, dict(out_ptr="*i1", M=ROWS, N=HIDDEN, seed=DROPOUT["seed"], p=0.1,
-                                                   **constexprs), warps, stages, None
+        for name, op, _, ln in [("bf16", "*bf16", None, "*bf16"), ("bf16-autocast", "*bf16", None, "*fp32"),
+                                ("fp32", "*fp32", None, "*fp32")]:
+            yield f"sum_partials-{name}", _sum_partials_kernel, dict(
+                part_ptr="*fp32", out0_ptr=op, out1_ptr=op, out2_ptr=ln, out3_ptr=ln, rows0=27, rows123=213,
+                N0=HIDDEN, N123=256, HAS0=True, HAS1=True, **constexprs), warps, stages, None
 
 
 def _position_embedding_cases():

@@ -99,3 +99,13 @@ def test_scale_needs_normalize():
 def test_odd_num_pos_feats_rejected():
     with pytest.raises(ValueError, match="even"):
         position_embedding_sine(torch.zeros(1, 2, 2, dtype=torch.bool), 15)
+
+
+def test_custom_op_path_matches_the_eager_launch():
+    # torch.compile sees the fastdetr::position_embedding_sine triton_op; eager calls skip its dispatch.
+    mask = _padded_mask([(6, 9), (4, 2)], 6, 9)
+    op = torch.ops.fastdetr.position_embedding_sine
+    torch.library.opcheck(op.default, (mask, 16, 10000.0, True, 1.5, torch.float32, True), test_utils="test_schema")
+    torch.testing.assert_close(op(mask, 16, 10000.0, True, 1.5, torch.float32, True),
+                               position_embedding_sine(mask, 16, normalize=True, scale=1.5, flatten=True),
+                               atol=0, rtol=0)
