@@ -298,3 +298,23 @@ def test_seed_comes_from_the_device_generator_not_a_host_integer():
     torch.manual_seed(5)
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=DEVICE)
     assert torch.equal(out, attention(q, k, v, dropout_p=0.2, seed=seed))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_cuda_graph_replays_draw_fresh_dropout_masks():
+    q, k, v = (x.detach() for x in make_inputs(2, 4, 100, 150, 32, torch.bfloat16, "seq_first"))
+    mask = make_mask(2, 150, "tail")
+    static_out = torch.empty(2, 4, 100, 32, device=DEVICE, dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up outside the graph: compiles, autotunes
+            attention(q, k, v, key_padding_mask=mask, dropout_p=0.1)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out.copy_(attention(q, k, v, key_padding_mask=mask, dropout_p=0.1))
+    graph.replay()
+    first = static_out.clone()
+    graph.replay()
+    assert not torch.equal(first, static_out)  # the seed is drawn inside the graph: a new mask per replay
