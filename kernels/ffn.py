@@ -7,19 +7,21 @@ x [..., d_model], W1 [hidden, d_model], W2 [d_model, hidden]. The two GEMMs stay
 into one Triton kernel has measured far slower than cuBLAS at these widths (triton issue 1321). What is fused is
 the memory-bound work around them.
 
-Forward (launches: the seed draw with dropout, then 3; pre-norm one more for LN(x)):
+Forward (launches: the seed draw with dropout, then linear1, the cuBLAS GEMM and the epilogue row kernel;
+pre-norm one more for LN(x)):
 - linear1: GEMM + bias + ReLU + dropout mask in the epilogue (pre-norm: a row kernel computes LN(x) first).
   The hidden activation h is stored without the dropout scale: linear2's epilogue multiplies its [rows, d_model]
   result by it (8x fewer elements than h) and the backward folds it into dy, so linear1 spends no multiply on it.
-  Tiles of 128 x 128 above 1024 rows, 64 x 64 up to there, so that DETR's decoder (100 x batch rows) still
-  launches more programs than a 132-SM GPU has SMs.
+  Tiles of 64 x 128 (one warpgroup) above 1024 rows, 64 x 64 up to there, so that DETR's decoder (100 x
+  batch rows) still launches more programs than a 132-SM GPU has SMs.
 - linear2: its LayerNorm epilogue needs whole d_model rows in one tile, so one program covers 64 rows x 256
   columns and the whole K = 2048 loop: at DETR's 400 to 6800 rows that is 7 to 107 programs, one per SM (120 KB
   of shared memory), leaving most of a 132-SM GPU idle for the whole K loop. So the GEMM goes to cuBLAS
   (split over the GPU as cuBLAS sees fit) and one row kernel does scale + bias + dropout + residual + LayerNorm;
   the fused GEMM + epilogue kernel is launched only where its programs fill every SM (`linear2_fused`, from
   8448 rows of d_model 256 up on a 132-SM GPU).
-Backward (launches: 6 post-norm, 7 pre-norm; under autocast one more to cast x, one more for dx):
+Backward (launches: 6 post-norm, 7 pre-norm; post-norm under autocast 2 more: x cast to bf16 for dW1, and the
+residual gradient added to dx by its own kernel, since cuBLAS cannot add a float32 input to a bf16 product):
 - one row kernel: LayerNorm backward + dropout backward (bits regenerated, never stored), with fixed-order
   per-row-block partial sums of the LayerNorm and linear2 bias gradients; it stores dy times the dropout scale
   that the unscaled h owes, so dW2 = dy^T h and dh = dy W2 come out right with no further multiply;
@@ -433,12 +435,12 @@ def _linear1(a: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, *, 
 
 def _forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], gamma: Tensor,
              beta: Tensor, seed: Optional[Tensor], eps: float, p: float, normalize_before: bool,
-             out_dtype: torch.dtype, traced: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             out_dtype: torch.dtype, traced: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """x [M, D] contiguous; weights in the GEMM dtype. Returns (out, h, saved, stats).
 
     h [M, hidden] is the hidden activation after dropout, without its scale (applied by linear2's epilogue and,
-    in the backward, folded into dy); saved is LN(x) for pre-norm (linear1's input) and
-    the LayerNorm input z for post-norm; stats [M, 2] = (mean, rstd) of that LayerNorm.
+    in the backward, folded into dy); saved is LN(x) for pre-norm (linear1's input) and the LayerNorm input z for
+    post-norm; stats [M, 2] = (mean, rstd) of that LayerNorm.
     """
     M, D = x.shape
     hidden = w1.shape[0]
@@ -470,7 +472,6 @@ def _forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Option
             y, b2, x, gamma, beta, out, z, stats, seed, M, D, threshold, scale, eps, HAS_BIAS=b2 is not None,
             DROPOUT=p > 0.0, LAYER_NORM=not normalize_before, **rows_cfg)
     return out, h, z, stats
-
 
 
 def _backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gamma: Tensor, h: Tensor, saved: Tensor,

@@ -85,8 +85,8 @@ def _rows_cases():
                 x_ptr=res, w_ptr=ln, b_ptr=ln, y_ptr=op, stats_ptr="*fp32", eps=1e-5, **shape), warps, stages, None
             for layer_norm in (True, False):
                 yield f"residual_rows-{'post' if layer_norm else 'pre'}_norm-{name}-d{d_model}", \
-                    _residual_rows_kernel, dict(y_ptr=op, bias_ptr=op, x_ptr=res, w_ptr=ln, beta_ptr=ln, out_ptr=res, z_ptr=res,
-                                                stats_ptr="*fp32", eps=1e-5, HAS_BIAS=True, DROPOUT=True,
+                    _residual_rows_kernel, dict(y_ptr=op, bias_ptr=op, x_ptr=res, w_ptr=ln, beta_ptr=ln, out_ptr=res,
+                                                z_ptr=res, stats_ptr="*fp32", eps=1e-5, HAS_BIAS=True, DROPOUT=True,
                                                 LAYER_NORM=layer_norm,
                                                 **DROPOUT, **shape), warps, stages, None
             common = dict(stats_ptr="*fp32", part_ptr="*fp32", **shape)
