@@ -153,9 +153,10 @@ def kernel_cases() -> List[KernelCase]:
 
 
 def _host_cases() -> List[HostCase]:
-    """Training and inference calls at decoder cross-attention's shape (B=4, 100 x 850) for the Triton path;
-    the reference path runs the same calls on CPU tensors of one query and 16 keys, where its arithmetic is
-    negligible and what remains is its host work (dispatch, autograd, allocation) per operator."""
+    """Training and inference calls on CPU tensors of one query and 16 keys (host work does not depend on the
+    shape): the reference's arithmetic is negligible there and what remains is its host work (dispatch, autograd)
+    per operator; the Triton path's allocations stay small, as they are from CUDA's caching allocator, rather
+    than the page mappings of large CPU buffers."""
     from fastdetr import ops
     from fastdetr.kernels import attention
 
@@ -189,11 +190,11 @@ def _host_cases() -> List[HostCase]:
     def reference_path(q, k, v, mask, p):
         return ops.attention_reference(q, k, v, mask, p)
 
-    full, tiny = (4, QUERIES, 850), (1, 1, 16)
-    return [HostCase("attention", "training call (fwd+bwd, dropout 0.1), B=4, 100x850",
-                     training(triton_path, full), training(reference_path, tiny)),
-            HostCase("attention", "inference call (fwd), B=4, 100x850",
-                     inference(triton_path, full), inference(reference_path, tiny))]
+    tiny = (1, 1, 16)
+    return [HostCase("attention", "training call (fwd+bwd, dropout 0.1, key padding mask)",
+                     training(triton_path, tiny), training(reference_path, tiny)),
+            HostCase("attention", "inference call (fwd, key padding mask)",
+                     inference(triton_path, tiny), inference(reference_path, tiny))]
 
 
 def suite() -> StaticSuite:

@@ -313,7 +313,8 @@ class HostCase:
 
 
 def host_us(call: Callable[[], object], repeats: int = 200, rounds: int = 7) -> float:
-    """Median over rounds of the mean wall time of `call` in microseconds (after warm-up calls)."""
+    """The fastest round's mean wall time of `call` in microseconds (after warm-up calls): on a shared machine
+    the other rounds measure the other jobs as well."""
     for _ in range(20):
         call()
     means = []
@@ -322,7 +323,7 @@ def host_us(call: Callable[[], object], repeats: int = 200, rounds: int = 7) -> 
         for _ in range(repeats):
             call()
         means.append((time.perf_counter() - start) / repeats * 1e6)
-    return sorted(means)[len(means) // 2]
+    return min(means)
 
 
 @dataclass

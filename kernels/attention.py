@@ -48,6 +48,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .launch import LeanLauncher
 from .rng import draw_seed, keep_mask, keep_scale, keep_threshold, philox_keep
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -55,10 +56,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FP32_PRECISIONS = ("ieee", "tf32")
 KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
 
-# log2(e): the kernels work in base 2 (exp2 is the fast path).
-LOG2E = tl.constexpr(1.4426950408889634)
-# Mask bytes one step of the padding scan reads.
-SCAN_BLOCK = tl.constexpr(512)
 
 _fp32_precision = "ieee"
 
@@ -123,11 +120,16 @@ def attention_config_candidates(head_dim: int, dtype: torch.dtype,
     return _CANDIDATES[_operand_kind(dtype, fp32_precision)][head_dim]
 
 
+def _cdiv(a: int, b: int) -> int:
+    # plain Python: triton.cdiv is a constexpr function whose host calls cost microseconds
+    return -(-a // b)
+
+
 def programs(kernel: str, cfg: KernelConfig, batch_heads: int, lq: int, lk: int) -> int:
     """Programs (CTAs) one launch of `kernel` starts."""
-    owned = lk if kernel == "bwd_dkdv" else lq
-    tile = cfg.block_n if kernel == "bwd_dkdv" else cfg.block_m
-    return triton.cdiv(owned, tile) * batch_heads
+    if kernel == "bwd_dkdv":
+        return _cdiv(lk, cfg.block_n) * batch_heads
+    return _cdiv(lq, cfg.block_m) * batch_heads
 
 
 def static_pick(kernel: str, candidates: Tuple[KernelConfig, ...], batch_heads: int, lq: int, lk: int,
@@ -145,6 +147,7 @@ def static_pick(kernel: str, candidates: Tuple[KernelConfig, ...], batch_heads: 
 def _valid_keys_end(Mask, b, Lk, stride_mb, stride_mn, HAS_MASK: tl.constexpr):
     """1 + the index of the sample's last valid key (0 when every key is padding); Lk without a mask."""
     if HAS_MASK:
+        SCAN_BLOCK: tl.constexpr = 512  # mask bytes per step
         end = 0
         for start in range(0, Lk, SCAN_BLOCK):
             offs = start + tl.arange(0, SCAN_BLOCK)
@@ -186,7 +189,7 @@ def _attn_fwd(Q, K, V, Mask, Out, LSE, Seed,
                 + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=offs_m[:, None] < Lq, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    qk_scale = scale * LOG2E
+    qk_scale = scale * 1.4426950408889634  # log2(e): the kernels work in base 2 (exp2 is the fast path)
     kv_end = _valid_keys_end(Mask, b, Lk, stride_mb, stride_mn, HAS_MASK)
     if HAS_DROPOUT:
         seed = tl.load(Seed)
@@ -266,7 +269,7 @@ def _attn_bwd_dq(Q, K, V, Out, DO, Mask, LSE, Delta, DQ, Seed,
     lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    qk_scale = scale * LOG2E
+    qk_scale = scale * 1.4426950408889634  # log2(e): the kernels work in base 2 (exp2 is the fast path)
     kv_end = _valid_keys_end(Mask, b, Lk, stride_mb, stride_mn, HAS_MASK)
     if HAS_DROPOUT:
         seed = tl.load(Seed)
@@ -321,7 +324,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Mask, LSE, Delta, DK, DV, Seed,
                 + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=keys, other=0.0)
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    qk_scale = scale * LOG2E
+    qk_scale = scale * 1.4426950408889634  # log2(e): the kernels work in base 2 (exp2 is the fast path)
     if HAS_DROPOUT:
         seed = tl.load(Seed)
 
@@ -359,10 +362,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, Mask, LSE, Delta, DK, DV, Seed,
 
 _AUTOTUNE = os.environ.get("FASTDETR_AUTOTUNE", "1").strip() not in ("0", "false", "no")
 _tuned: Dict[tuple, KernelConfig] = {}
+_static_picks: Dict[tuple, KernelConfig] = {}
 
 
 def _length_bucket(n: int) -> int:
-    return triton.next_power_of_2(max(n, 16))
+    return 1 << (max(n, 16) - 1).bit_length()  # the next power of two, at least 16
 
 
 def _time_ms(launch) -> float:
@@ -383,30 +387,33 @@ def choose_config(kernel: str, candidates: Tuple[KernelConfig, ...], key: tuple,
                   lk: int, launch, device: torch.device, timer=_time_ms) -> KernelConfig:
     """The config to launch: the fastest candidate measured once per key on a GPU, else the static pick.
 
+    key: (head dim, dtype, fp32 precision, dropout, mask) of the call; the length buckets are added here.
     launch(cfg) runs the kernel with cfg. Measuring is skipped (static pick) with one candidate, off CUDA,
     under torch.compile, while a CUDA graph is captured, and with FASTDETR_AUTOTUNE=0.
     """
     if len(candidates) == 1:
         return candidates[0]
-    tuned = _tuned.get(key)
-    if tuned is not None:
+    if (_AUTOTUNE and device.type == "cuda" and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing()):
+        tuned_key = (kernel, *key, _length_bucket(lq), _length_bucket(lk), _length_bucket(batch_heads),
+                     device.index)
+        tuned = _tuned.get(tuned_key)
+        if tuned is None:
+            pick = static_pick(kernel, candidates, batch_heads, lq, lk)
+            times = {cfg: timer(lambda cfg=cfg: launch(cfg)) for cfg in candidates}
+            tuned = _tuned[tuned_key] = min(candidates, key=lambda cfg: (times[cfg], cfg != pick))
         return tuned
-    pick = static_pick(kernel, candidates, batch_heads, lq, lk)
-    if (not _AUTOTUNE or device.type != "cuda" or torch.compiler.is_compiling()
-            or torch.cuda.is_current_stream_capturing()):
-        return pick
-    times = {cfg: timer(lambda cfg=cfg: launch(cfg)) for cfg in candidates}
-    _tuned[key] = min(candidates, key=lambda cfg: (times[cfg], cfg != pick))
-    return _tuned[key]
-
-
-def _tuning_key(kernel, q, k, mask, dropout, precision):
-    B, H, Lq, D = q.shape
-    return (kernel, D, q.dtype, precision, dropout, mask is not None, _length_bucket(Lq), _length_bucket(k.shape[2]),
-            triton.next_power_of_2(B * H), q.device.index)
+    static_key = (kernel, candidates, batch_heads, lq, lk)
+    pick = _static_picks.get(static_key)
+    if pick is None:
+        pick = _static_picks[static_key] = static_pick(kernel, candidates, batch_heads, lq, lk)
+    return pick
 
 
 # ------------------------------------------------------------------------------------------ host functions
+
+# The eager path's launchers; torch.compile's triton_ops pass wrap_triton instead.
+_LEAN = {kernel: LeanLauncher(kernel) for kernel in (_attn_fwd, _attn_bwd_dq, _attn_bwd_dkdv)}
 
 def _mask_args(key_padding_mask: Optional[Tensor]) -> Tuple[Optional[Tensor], int, int]:
     if key_padding_mask is None:
@@ -420,8 +427,12 @@ def _dropout_args(dropout_p: float) -> Tuple[int, float]:
     return keep_threshold(dropout_p), keep_scale(dropout_p)
 
 
+def _lean(kernel):
+    return _LEAN[kernel]
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], seed: Optional[Tensor],
-             dropout_p: float, scale: float, fp32_precision: str, wrap=lambda kernel: kernel) -> Tuple[Tensor, Tensor]:
+             dropout_p: float, scale: float, fp32_precision: str, wrap=_lean) -> Tuple[Tensor, Tensor]:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     out = torch.empty_like(q)
@@ -431,7 +442,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
     kernel = wrap(_attn_fwd)
 
     def launch(cfg):
-        kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
+        kernel[(_cdiv(Lq, cfg.block_m), B * H)](
             q, k, v, mask, out, lse, seed, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             stride_mb, stride_mn, H, Lq, Lk, scale, threshold, dropout_scale,
             HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_MASK=mask is not None,
@@ -439,14 +450,14 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
             num_stages=cfg.num_stages)
 
     candidates = attention_config_candidates(D, q.dtype, fp32_precision)["fwd"]
-    launch(choose_config("fwd", candidates, _tuning_key("fwd", q, k, mask, threshold > 0, fp32_precision),
-                         B * H, Lq, Lk, launch, q.device))
+    key = (D, q.dtype, fp32_precision, threshold > 0, mask is not None)
+    launch(choose_config("fwd", candidates, key, B * H, Lq, Lk, launch, q.device))
     return out, lse
 
 
 def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               key_padding_mask: Optional[Tensor], seed: Optional[Tensor], dropout_p: float, scale: float,
-              fp32_precision: str, wrap=lambda kernel: kernel) -> Tuple[Tensor, Tensor, Tensor]:
+              fp32_precision: str, wrap=_lean) -> Tuple[Tensor, Tensor, Tensor]:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     candidates = attention_config_candidates(D, q.dtype, fp32_precision)
@@ -460,7 +471,7 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     dq_kernel, dkdv_kernel = wrap(_attn_bwd_dq), wrap(_attn_bwd_dkdv)
 
     def launch_dq(cfg):
-        dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
+        dq_kernel[(_cdiv(Lq, cfg.block_m), B * H)](
             q, k, v, out, grad_out, mask, lse, delta, dq, seed,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
             stride_mb, stride_mn, H, Lq, Lk, scale, threshold, dropout_scale,
@@ -468,21 +479,17 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
             num_stages=cfg.num_stages)
 
     def launch_dkdv(cfg):
-        dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * H)](
+        dkdv_kernel[(_cdiv(Lk, cfg.block_n), B * H)](
             q, k, v, grad_out, mask, lse, delta, dk, dv, seed,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
             stride_mb, stride_mn, H, Lq, Lk, scale, threshold, dropout_scale,
             HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
 
-    dropout = threshold > 0
+    key = (D, q.dtype, fp32_precision, threshold > 0, mask is not None)
     # dQ first: it stores the Delta that dK/dV reads.
-    launch_dq(choose_config("bwd_dq", candidates["bwd_dq"], _tuning_key("bwd_dq", q, k, mask, dropout,
-                                                                        fp32_precision),
-                            B * H, Lq, Lk, launch_dq, q.device))
-    launch_dkdv(choose_config("bwd_dkdv", candidates["bwd_dkdv"], _tuning_key("bwd_dkdv", q, k, mask, dropout,
-                                                                              fp32_precision),
-                              B * H, Lq, Lk, launch_dkdv, q.device))
+    launch_dq(choose_config("bwd_dq", candidates["bwd_dq"], key, B * H, Lq, Lk, launch_dq, q.device))
+    launch_dkdv(choose_config("bwd_dkdv", candidates["bwd_dkdv"], key, B * H, Lq, Lk, launch_dkdv, q.device))
     return dq, dk, dv
 
 

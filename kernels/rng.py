@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-PHILOX_ROUNDS = tl.constexpr(7)
 DECISIONS_PER_CALL = 16
 _BYTE_SHIFTS = (0, 8, 16, 24)
 
@@ -61,6 +60,9 @@ def philox_keep(seed, stream, rows, col_start, threshold, BLOCK_ROWS: tl.constex
     """Keep mask [BLOCK_ROWS, BLOCK_COLS] bool of columns col_start + arange(BLOCK_COLS) for the rows `rows`
     ([BLOCK_ROWS] int), in dropout stream `stream` (e.g. batch * heads + head). col_start % 16 == 0."""
     tl.static_assert(BLOCK_COLS % 16 == 0, "dropout tiles hold whole groups of 16 columns")
+    # Constants live in the function, not as module globals: Triton re-checks every global a kernel uses on
+    # each launch, a measurable host cost.
+    PHILOX_ROUNDS: tl.constexpr = 7
     GROUPS: tl.constexpr = BLOCK_COLS // 16
     groups = col_start // 16 + tl.arange(0, GROUPS)
     c0 = tl.broadcast_to(rows[:, None], [BLOCK_ROWS, GROUPS]).to(tl.uint32)

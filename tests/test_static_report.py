@@ -31,7 +31,18 @@ without = sm.analyse(case.fn, 90, plain, case.num_warps, case.num_stages)
 before = triton.runtime.driver._active
 with sm.stub_launches():
     launches = sm.count_launches(sa._host_cases()[0].triton)
-print(json.dumps({"with": with_dropout.loop.__dict__, "without": without.loop.__dict__,
+    # the lean launcher reuses a compiled kernel only where Triton would: a misaligned view compiles anew
+    import importlib, torch
+    attention = importlib.import_module("fastdetr.kernels.attention")
+    lean = attention._LEAN[attention._attn_fwd]
+    flat = torch.randn(1 + 33 * 32)
+    aligned, misaligned = flat[:-1].view(1, 1, 33, 32), flat[1:].view(1, 1, 33, 32)  # 4 bytes apart
+    cached_before = len(lean._compiled)
+    for view in (aligned, aligned, misaligned):
+        attention.attention(view, view, view)
+    cached = len(lean._compiled)
+    attention.attention(misaligned, misaligned, misaligned)
+print(json.dumps({"new_kernels": cached - cached_before, "cached_after": len(lean._compiled) - cached,"with": with_dropout.loop.__dict__, "without": without.loop.__dict__,
                   "spill": with_dropout.spill_bytes, "ctas": case.ctas, "launches": launches,
                   "estimate": sm.estimate(case, with_dropout).us,
                   "driver_restored": triton.runtime.driver._active is before}))
@@ -52,6 +63,8 @@ def test_sass_loop_counts_and_launch_stub():
     assert out["spill"] == 0 and out["ctas"] >= 132 and out["estimate"] > 2.0
     assert out["launches"] == 3  # forward, then dQ (with Delta) and dK/dV
     assert out["driver_restored"]
+    # an aligned and a misaligned view: two kernels, each reused afterwards
+    assert out["new_kernels"] == 2 and out["cached_after"] == 0
 
 
 def test_padding_statistics():
