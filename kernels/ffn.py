@@ -69,8 +69,13 @@ STREAM_OUT = tl.constexpr(1)
 DEFAULT_SMS = 132
 
 
+def _cdiv(a: int, b: int) -> int:
+    # not triton.cdiv, a @jit function: on the host each call costs about 10 us of JIT wrapper
+    return -(-a // b)
+
+
 def _block_d(d_model: int) -> int:
-    return max(16, triton.next_power_of_2(d_model))
+    return max(16, 1 << (d_model - 1).bit_length())
 
 
 # GEMM operand kinds, which set the tiles: "16bit" (fp16/bf16), "tf32", "ieee" (exact fp32, FMA, no tensor cores).
@@ -86,8 +91,13 @@ def _kind(dtype: torch.dtype) -> str:
 
 def _linear1_config(rows: int, kind: str) -> dict:
     """Tiles of the GEMMs whose output is [rows, hidden]: linear1 forward and the dh GEMM of the backward."""
+    return _linear1_tiles(rows <= _SMALL_M, kind)
+
+
+@functools.lru_cache(maxsize=None)
+def _linear1_tiles(small: bool, kind: str) -> dict:
     block_k = 64 if kind == "16bit" else 32  # fp32 operands double the shared memory per stage
-    if rows <= _SMALL_M:
+    if small:
         # 400 decoder rows x 2048: 7 x 32 = 224 programs (128 x 128 tiles would give 64)
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=3)
     # One warpgroup per 64 x 128 tile: with the dropout epilogue it issues fewer instructions per output than
@@ -97,6 +107,7 @@ def _linear1_config(rows: int, kind: str) -> dict:
                 num_stages=3)
 
 
+@functools.lru_cache(maxsize=None)
 def _linear2_config(block_d: int, kind: str) -> dict:
     """Tiles of the fused linear2: the whole padded d_model by 64 rows (one Hopper warpgroup MMA) where the
     LayerNorm epilogue fits the registers; 512 columns (and exact fp32, whose FMA products hold more) take fewer
@@ -111,6 +122,7 @@ def _linear2_config(block_d: int, kind: str) -> dict:
                 num_stages=3)
 
 
+@functools.lru_cache(maxsize=None)
 def _rows_config(block_d: int) -> dict:
     """Row kernels (LayerNorm forward, linear2's epilogue after cuBLAS, the backward's row pass): about 4096
     elements per program."""
@@ -148,7 +160,7 @@ def sm_count(device: torch.device) -> int:
 def linear2_fused(rows: int, d_model: int, kind: str, sms: int) -> bool:
     """Whether linear2 runs as the fused GEMM + epilogue kernel (its programs, one per SM, fill all `sms` SMs)
     rather than cuBLAS followed by the row epilogue kernel."""
-    return triton.cdiv(rows, _linear2_config(_block_d(d_model), kind)["BLOCK_M"]) >= sms
+    return _cdiv(rows, _linear2_config(_block_d(d_model), kind)["BLOCK_M"]) >= sms
 
 
 @triton.jit
@@ -414,7 +426,9 @@ def _launcher(kernel, traced: bool):
     return wrap_triton(kernel) if traced else kernel
 
 
+@functools.lru_cache(maxsize=None)
 def _dropout_args(p: float) -> Tuple[int, float]:
+    """(threshold, scale) of the kernels' dropout for p (threshold 256 keeps everything: no dropout)."""
     return (keep_threshold(p), keep_scale(p)) if p > 0.0 else (256, 1.0)
 
 
@@ -426,7 +440,7 @@ def _linear1(a: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, *, 
     stride_bk, stride_bn = (weight.stride(1), weight.stride(0)) if trans_b else weight.stride()
     kind = _kind(weight.dtype)
     cfg = _linear1_config(M, kind)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
     _launcher(_linear1_kernel, traced)[grid](
         a, weight, bias, h, out, dbias_part, seed, M, N, K, a.stride(0), a.stride(1), stride_bk, stride_bn,
         _dropout_args(p)[0], BACKWARD=h is not None, HAS_BIAS=bias is not None, DROPOUT=p > 0.0 and h is None,
@@ -447,7 +461,7 @@ def _forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Option
     dtype = w1.dtype
     stats = torch.empty(M, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) per row
     rows_cfg = _rows_config(_block_d(D))
-    rows_grid = (triton.cdiv(M, rows_cfg["BLOCK_M"]),)
+    rows_grid = (_cdiv(M, rows_cfg["BLOCK_M"]),)
     a = x
     if normalize_before:
         a = torch.empty(M, D, device=x.device, dtype=dtype)
@@ -462,7 +476,7 @@ def _forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Option
     threshold, scale = _dropout_args(p)
     if linear2_fused(M, D, kind, sm_count(x.device)):
         cfg = _linear2_config(_block_d(D), kind)
-        _launcher(_linear2_kernel, traced)[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+        _launcher(_linear2_kernel, traced)[(_cdiv(M, cfg["BLOCK_M"]),)](
             h, w2, b2, x, gamma, beta, out, z, stats, seed, M, D, hidden, h.stride(0), h.stride(1),
             w2.stride(1), w2.stride(0), threshold, scale, eps, HAS_BIAS=b2 is not None, DROPOUT=p > 0.0,
             LAYER_NORM=not normalize_before, INPUT_PRECISION="ieee" if kind == "ieee" else "tf32", **cfg)
@@ -484,8 +498,8 @@ def _backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gamma: Tensor
     dtype = w1.dtype
     g = grad_out.contiguous()
     rows_cfg = _rows_config(_block_d(D))
-    rows_blocks = triton.cdiv(M, rows_cfg["BLOCK_M"])
-    l1_blocks = triton.cdiv(M, _linear1_config(M, _kind(dtype))["BLOCK_M"])
+    rows_blocks = _cdiv(M, rows_cfg["BLOCK_M"])
+    l1_blocks = _cdiv(M, _linear1_config(M, _kind(dtype))["BLOCK_M"])
     # Every partial sum in one float32 workspace: [l1_blocks, hidden] (linear1 bias), then [3, rows_blocks, D]
     # (linear2 bias, LayerNorm weight and bias), as `_sum_partials_kernel` reads them.
     part = torch.empty(l1_blocks * hidden + 3 * rows_blocks * D, device=x.device, dtype=torch.float32)
@@ -524,7 +538,7 @@ def _backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gamma: Tensor
     db2 = torch.empty(D if has_b2 else 0, device=x.device, dtype=dtype)
     dnorm = torch.empty(2, D, device=x.device, dtype=gamma.dtype)
     cfg = _SUMS_CONFIG
-    grid = (triton.cdiv(max(hidden if has_b1 else 0, D), cfg["BLOCK_N"]), 4)
+    grid = (_cdiv(max(hidden if has_b1 else 0, D), cfg["BLOCK_N"]), 4)
     _launcher(_sum_partials_kernel, traced)[grid](part, db1, db2, dnorm[0], dnorm[1], l1_blocks, rows_blocks, hidden,
                                                   D, HAS0=has_b1, HAS1=has_b2, **cfg)
     return dx, dw1, db1, dw2, db2, dnorm
@@ -612,8 +626,7 @@ def ffn(x: Tensor, linear1_weight: Tensor, linear1_bias: Optional[Tensor], linea
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
     weights = (linear1_weight, linear1_bias, linear2_weight, linear2_bias)
     compute = linear1_weight.dtype
-    # (meta tensors, on which benchmarks/static_ffn.py measures host time, have no autocast to ask about)
-    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+    autocast = torch.is_autocast_enabled(x.device.type)
     if autocast:
         compute = torch.get_autocast_dtype(x.device.type)
         weights = tuple(None if t is None else t.to(compute) for t in weights)
