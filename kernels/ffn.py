@@ -54,6 +54,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .launch import LeanLauncher
 from .rng import draw_seed, keep_mask, keep_scale, keep_threshold, philox_keep
 
 MAX_D_MODEL = 512  # the LayerNorm epilogues hold a whole row in one tile.
@@ -420,10 +421,14 @@ def _sum_partials_kernel(
         _column_sums(block, rows123, N123, out3_ptr, pid, BLOCK_R, BLOCK_N)
 
 
+_LEAN = {kernel: LeanLauncher(kernel) for kernel in (_linear1_kernel, _linear2_kernel, _residual_rows_kernel,
+                                                     _layer_norm_fwd_kernel, _rows_bwd_kernel, _sum_partials_kernel)}
+
+
 def _launcher(kernel, traced: bool):
-    """The kernel as torch.compile needs to see it (wrap_triton) inside the triton_ops, the bare JIT function on
-    the eager path (no wrapper dispatch on the host)."""
-    return wrap_triton(kernel) if traced else kernel
+    """The kernel as torch.compile needs to see it (wrap_triton) inside the triton_ops; on the eager path its
+    `LeanLauncher` (no wrapper dispatch, no per-launch re-binding on the host)."""
+    return wrap_triton(kernel) if traced else _LEAN[kernel]
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .launch import LeanLauncher
+
 # One tile shape for every map size: H, W, B and F are runtime ints, so a new image size never recompiles.
 # 8 channel pairs keep it near 120 registers (16 pairs need ~230) for occupancy; the output write is the cost.
 _CONFIG = {"BLOCK_H": 16, "BLOCK_W": 16, "BLOCK_C": 8, "num_warps": 4}
@@ -130,11 +132,14 @@ def _embed(mask: torch.Tensor, num_pos_feats: int, temperature: float, normalize
     cfg = _CONFIG
     grid = (_cdiv(H, cfg["BLOCK_H"]) * _cdiv(W, cfg["BLOCK_W"]), _cdiv(num_pos_feats, cfg["BLOCK_C"]),
             B)
-    # torch.compile needs the kernel wrapped (inside the triton_op); eager launches it bare, with no wrapper.
-    kernel = wrap_triton(_position_embedding_sine_kernel) if traced else _position_embedding_sine_kernel
+    # torch.compile needs the kernel wrapped (inside the triton_op); eager launches skip Triton's binding.
+    kernel = wrap_triton(_position_embedding_sine_kernel) if traced else _LEAN
     kernel[grid](mask, out, B, H, W, num_pos_feats, temperature, scale, NORMALIZE=normalize, FLATTEN=flatten,
                  BLOCK_H=cfg["BLOCK_H"], BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     return out
+
+
+_LEAN = LeanLauncher(_position_embedding_sine_kernel)
 
 
 @triton_op("fastdetr::position_embedding_sine", mutates_args={})
