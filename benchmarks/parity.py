@@ -11,8 +11,10 @@ in the pre-norm FFN, LN(x) is rounded before linear1, pre-activations near zero 
 moves a weight gradient by a whole term. So a check also passes within twice the error of the reference path run
 in the same dtype (`eager_error`; the criterion of FlashAttention's tests); the report shows both numbers. The
 position embedding has no float input: its dtype is the output's, and its reference computes positions in fp32 as
-the official code does. Dropout is off: its parity is checked by the interpreter tests in tests/, through the
-kernels' keep-mask debug paths. Exit status 1 when a check fails or cannot run; without CUDA nothing runs (exit
+the official code does. Attention also runs with dropout 0.1 on DETR's shapes: the reference then applies the
+keep mask the kernel draws for its seed (`attention_dropout_mask`, scaled by the inverse of the quantised keep
+probability), so forward and backward must regenerate the same bits; the FFN's dropout parity is checked by the
+interpreter tests in tests/. Exit status 1 when a check fails or cannot run; without CUDA nothing runs (exit
 status 0), unless asked for the CPU and Triton's interpreter.
 """
 import argparse
@@ -94,33 +96,57 @@ def _random_padding(batch: int, length: int, generator: torch.Generator) -> Tens
     return torch.arange(length)[None, :] >= keep[:, None]
 
 
+def attention_with_keep(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], keep: Tensor,
+                        keep_scale: float) -> Tensor:
+    """The reference attention with a given dropout keep mask [B, H, Lq, Lk] instead of F.dropout's."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+    if mask is not None:
+        scores = scores.masked_fill(mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.matmul(probs * keep * keep_scale, v)
+
+
 def attention_checks(device: str) -> Iterator[Check]:
-    from fastdetr.kernels import attention
+    from fastdetr.kernels import attention, attention_dropout_mask
+    from fastdetr.kernels.rng import keep_scale
     generator = torch.Generator().manual_seed(0)
     c5 = harness.c5_mask(4).flatten(1)
     tokens = c5.shape[1]
-    # (case, B, H, Lq, Lk, D, key padding mask or None)
+    # (case, B, H, Lq, Lk, D, key padding mask or None, dropout)
     cases = [
-        ("encoder self-attention, B4, 850 tokens, C5 padding", 4, 8, tokens, tokens, 32, c5),
-        ("decoder cross-attention, B4, 100 x 850, C5 padding", 4, 8, 100, tokens, 32, c5),
-        ("decoder self-attention, B4, 100 x 100", 4, 8, 100, 100, 32, None),
-        ("odd lengths, D16, a fully masked image", 3, 2, 77, 201, 16, _random_padding(3, 201, generator)),
-        ("odd lengths, D64, no mask", 2, 4, 130, 67, 64, None),
-        ("D128, one query, a fully masked image", 2, 1, 1, 1000, 128, _random_padding(2, 1000, generator)),
+        ("encoder self-attention, B4, 850 tokens, C5 padding", 4, 8, tokens, tokens, 32, c5, 0.0),
+        ("decoder cross-attention, B4, 100 x 850, C5 padding", 4, 8, 100, tokens, 32, c5, 0.0),
+        ("decoder self-attention, B4, 100 x 100", 4, 8, 100, 100, 32, None, 0.0),
+        ("encoder self-attention, dropout 0.1, C5 padding", 4, 8, tokens, tokens, 32, c5, 0.1),
+        ("decoder cross-attention, dropout 0.1, C5 padding", 2, 8, 100, tokens, 32, c5[:2], 0.1),
+        ("odd lengths, D16, a fully masked image", 3, 2, 77, 201, 16, _random_padding(3, 201, generator), 0.0),
+        ("odd lengths, D64, no mask", 2, 4, 130, 67, 64, None, 0.0),
+        ("D128, one query, a fully masked image", 2, 1, 1, 1000, 128, _random_padding(2, 1000, generator), 0.0),
     ]
-    for name, b, h, lq, lk, d, mask in cases:
+    for name, b, h, lq, lk, d, mask, p in cases:
         # Sequence-first [L, B, H, D] viewed as [B, H, L, D]: the strided layout the model passes.
         q, k, v = (torch.randn(n, b, h, d, dtype=torch.float64, generator=generator).permute(1, 2, 0, 3)
                    for n in (lq, lk, lk))
         inputs = {"q": q.to(device), "k": k.to(device), "v": v.to(device)}
         if mask is not None:
             inputs["mask"] = mask.to(device)
+        if p > 0.0:
+            seed = torch.tensor([20261129], dtype=torch.int64, device=device)
+            keep = attention_dropout_mask(b, h, lq, lk, p, seed)
+
+            def run_kernel(t, _, seed=seed, p=p):
+                return attention(t["q"], t["k"], t["v"], key_padding_mask=t.get("mask"), dropout_p=p, seed=seed)
+
+            def run_reference(t, _, keep=keep, p=p):
+                return attention_with_keep(t["q"], t["k"], t["v"], t.get("mask"), keep, keep_scale(p))
+        else:
+            def run_kernel(t, _):
+                return attention(t["q"], t["k"], t["v"], key_padding_mask=t.get("mask"))
+
+            def run_reference(t, _):
+                return ops.attention_reference(t["q"], t["k"], t["v"], t.get("mask"))
         for dtype in DTYPES:
-            yield from compare(
-                "attention", name, dtype,
-                lambda t, _: attention(t["q"], t["k"], t["v"], key_padding_mask=t.get("mask")),
-                lambda t, _: ops.attention_reference(t["q"], t["k"], t["v"], t.get("mask")),
-                inputs, grads=("q", "k", "v"))
+            yield from compare("attention", name, dtype, run_kernel, run_reference, inputs, grads=("q", "k", "v"))
 
 
 def position_embedding_checks(device: str) -> Iterator[Check]:

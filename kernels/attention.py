@@ -40,14 +40,15 @@ host work per call); under torch.compile the same host functions are the triton_
 and `fastdetr::attention_bwd`.
 """
 import os
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from ._compat import wrap_triton
 from .launch import LeanLauncher
 from .rng import draw_seed, keep_mask, keep_scale, keep_threshold, philox_keep
 
@@ -80,7 +81,8 @@ _K = KernelConfig
 # (operand kind, head dim) -> kernel -> candidates, largest tile first. The tile that a kernel owns (queries for
 # fwd and dQ, keys for dK/dV) shrinks down the list; the swept dimension stays. Every candidate is compiled ahead
 # of time for sm_80 and sm_90 with the mask and dropout on (tests/test_attention_aot.py): it fits, spills
-# nothing and runs its products on tensor cores (mma.sync below 64-row tiles: wgmma needs 64).
+# nothing and runs its products on tensor cores (mma.sync below 64-row tiles: wgmma needs 64), with triton 3.6 and
+# 3.8 (whose code generation differs: some configs that fit on one spill on the other).
 _SMALL_HEAD_16BIT = {"fwd": (_K(64, 64, 4, 3), _K(32, 64, 4, 3), _K(16, 64, 4, 3)),
                      "bwd_dq": (_K(64, 64, 4, 3), _K(32, 64, 2, 3), _K(16, 64, 1, 3)),
                      "bwd_dkdv": (_K(32, 64, 4, 3), _K(32, 32, 2, 3))}
@@ -89,18 +91,18 @@ _CANDIDATES = {
               64: {"fwd": (_K(128, 32, 8, 3), _K(64, 32, 4, 3), _K(32, 64, 4, 3)),
                    "bwd_dq": (_K(128, 32, 8, 3), _K(64, 32, 4, 3), _K(32, 32, 4, 3)),
                    "bwd_dkdv": (_K(32, 128, 8, 3), _K(32, 64, 4, 3))},
-              128: {"fwd": (_K(128, 64, 8, 3), _K(64, 32, 4, 3)), "bwd_dq": (_K(64, 32, 4, 3),),
+              128: {"fwd": (_K(128, 32, 8, 3), _K(64, 32, 4, 3)), "bwd_dq": (_K(64, 32, 4, 3),),
                     "bwd_dkdv": (_K(32, 64, 8, 3),)}},
     # fp32 "ieee" runs tl.dot on FMA units with operands in registers: small tiles, one config each.
     "ieee": {16: {"fwd": (_K(64, 32, 4, 2),), "bwd_dq": (_K(64, 32, 4, 2),), "bwd_dkdv": (_K(32, 32, 4, 2),)},
              32: {"fwd": (_K(64, 32, 4, 2),), "bwd_dq": (_K(64, 32, 4, 2),), "bwd_dkdv": (_K(32, 32, 4, 2),)},
-             64: {"fwd": (_K(64, 32, 8, 2),), "bwd_dq": (_K(64, 32, 8, 2),), "bwd_dkdv": (_K(32, 64, 8, 2),)},
+             64: {"fwd": (_K(64, 32, 8, 2),), "bwd_dq": (_K(64, 32, 8, 2),), "bwd_dkdv": (_K(32, 32, 8, 2),)},
              128: {"fwd": (_K(32, 16, 8, 1),), "bwd_dq": (_K(32, 16, 4, 2),), "bwd_dkdv": (_K(32, 16, 4, 2),)}},
     # fp32 "tf32": sm_90's wgmma needs the MMA's M (BLOCK_M, or BLOCK_N in the transposed dK/dV tiles) >= 64.
     "tf32": {16: {"fwd": (_K(64, 32, 4, 2),), "bwd_dq": (_K(64, 32, 4, 2),), "bwd_dkdv": (_K(32, 64, 4, 2),)},
              32: {"fwd": (_K(64, 32, 4, 2),), "bwd_dq": (_K(64, 32, 4, 2),), "bwd_dkdv": (_K(32, 64, 4, 2),)},
-             64: {"fwd": (_K(64, 32, 8, 2),), "bwd_dq": (_K(64, 32, 8, 2),), "bwd_dkdv": (_K(32, 64, 8, 1),)},
-             128: {"fwd": (_K(64, 32, 8, 1),), "bwd_dq": (_K(32, 32, 4, 1),), "bwd_dkdv": (_K(32, 32, 8, 1),)}},
+             64: {"fwd": (_K(64, 32, 8, 2),), "bwd_dq": (_K(64, 32, 8, 2),), "bwd_dkdv": (_K(16, 64, 8, 1),)},
+             128: {"fwd": (_K(64, 32, 8, 1),), "bwd_dq": (_K(32, 32, 8, 1),), "bwd_dkdv": (_K(32, 32, 8, 1),)}},
 }
 # The GPU the static pick fills: H100/H200 (132 SMs); A100 has 108, so a pick that fills 132 fills it too.
 DEFAULT_SM_COUNT = 132
