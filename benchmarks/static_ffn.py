@@ -181,8 +181,8 @@ def count_kernels(call) -> Dict[str, object]:
 
 
 def _ffn_calls(rows: int = 16, d_model: int = 32, hidden: int = 64):
-    """(forward, forward + backward) training calls of the Triton path and of the eager reference on tiny bf16
-    CPU tensors (host work does not depend on the shape; there the reference's arithmetic is negligible)."""
+    """(forward, forward + backward, inference) calls of the Triton path and of the eager reference on tiny CPU
+    tensors (host work does not depend on the shape; there the reference's arithmetic is negligible)."""
     from fastdetr.kernels import ffn
     from fastdetr.ops import ffn_reference
 
@@ -198,7 +198,11 @@ def _ffn_calls(rows: int = 16, d_model: int = 32, hidden: int = 64):
 
         def training():
             return torch.autograd.grad(forward(), inputs, grad)
-        return forward, training
+
+        def inference():
+            with torch.no_grad():
+                return fn(*inputs)
+        return forward, training, inference
     return make(ffn), make(ffn_reference)
 
 
@@ -216,7 +220,7 @@ def launch_notes() -> List[str]:
              "linear2 going to cuBLAS as at all DETR shapes; Triton launches + torch operators that launch a kernel "
              "on CUDA):", "",
              "| call | Triton path: Triton + torch = total | eager reference: total |", "|---|---|---|"]
-    (fwd, train), (ref_fwd, ref_train) = _ffn_calls()
+    (fwd, train, _), (ref_fwd, ref_train, _) = _ffn_calls()
     with stub_launches():
         for name, call, ref in (("FFN forward", fwd, ref_fwd), ("FFN forward + backward", train, ref_train)):
             ours, theirs = count_kernels(call), count_kernels(ref)
@@ -241,10 +245,11 @@ def fill_notes() -> List[str]:
 
 
 def _host_cases() -> List[HostCase]:
-    (fwd, train), (ref_fwd, ref_train) = _ffn_calls()
+    (fwd, train, infer), (ref_fwd, ref_train, ref_infer) = _ffn_calls()
     embed, ref_embed = _position_embedding_calls()
     return [HostCase("ffn", "training call (fwd+bwd, dropout 0.1, post-norm)", train, ref_train),
             HostCase("ffn", "forward (dropout 0.1, post-norm)", fwd, ref_fwd),
+            HostCase("ffn", "inference call (no_grad, no dropout, post-norm)", infer, ref_infer),
             HostCase("position embedding", "forward", embed, ref_embed)]
 
 

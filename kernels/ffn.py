@@ -648,8 +648,10 @@ def ffn(x: Tensor, linear1_weight: Tensor, linear1_bias: Optional[Tensor], linea
     args = (rows, *weights, norm_weight, norm_bias, seed, float(eps), float(dropout_p), normalize_before, out_dtype)
     if torch.compiler.is_compiling():
         out = torch.ops.fastdetr.ffn_fwd(*args)[0]
-    else:
+    elif torch.is_grad_enabled():
         out = _FFN.apply(*args)
+    else:  # inference: no autograd node to build
+        out = _forward(*args, traced=False)[0]
     return out.view(x.shape)
 
 

@@ -159,6 +159,13 @@ def test_output_dropout_rate(p, linear2_path):
     assert abs(dropped - expected) < 5 * (expected * (1 - expected) / out.numel()) ** 0.5
 
 
+def test_inference_path_matches_the_autograd_path():
+    inputs = [t.detach() for t in _params((37,), 64, 96)]
+    with torch.no_grad():
+        out = ffn(*inputs, dropout_p=0.2, seed=SEED)
+    assert torch.equal(out, ffn(*inputs, dropout_p=0.2, seed=SEED))
+
+
 def test_unrepresentable_dropout_rejected():
     inputs = [t.detach() for t in _params((3,), 16, 16)]
     with pytest.raises(ValueError, match="rounds to keeping"):
