@@ -10,6 +10,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.9",
     # kernels/ lives at the top of the repository but is installed only as fastdetr.kernels: a top-level module
     # named `kernels` would clash with the PyPI package of that name.
@@ -22,7 +23,10 @@ setup(
         "pycocotools>=2.0",
         "scipy>=1.7",
         "numpy>=1.21",
+        "tqdm>=4.60",  # progress bars
+        "matplotlib>=3.5",  # fastdetr-plot; its DejaVu Sans font draws predict's labels
     ],
     extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
-    entry_points={"console_scripts": ["fastdetr-train=fastdetr.train:main"]},
+    entry_points={"console_scripts": ["fastdetr-train=fastdetr.train:main", "fastdetr-predict=fastdetr.predict:main",
+                                      "fastdetr-plot=fastdetr.plot:main"]},
 )

@@ -13,32 +13,32 @@ from .transformer import build_transformer
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Every argument of the official main.py with its default, plus fastdetr's backbone options."""
-    parser = argparse.ArgumentParser("DETR", add_help=add_help,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--lr", default=1e-4, type=float)
-    parser.add_argument("--lr_backbone", default=1e-5, type=float)
-    parser.add_argument("--batch_size", default=2, type=int)
-    parser.add_argument("--weight_decay", default=1e-4, type=float)
-    parser.add_argument("--epochs", default=300, type=int)
-    parser.add_argument("--lr_drop", default=200, type=int)
-    parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
+    parser = argparse.ArgumentParser("DETR", add_help=add_help)
+    train = parser.add_argument_group("training")
+    train.add_argument("--lr", default=1e-4, type=float, help="learning rate of the transformer and heads (AdamW)")
+    train.add_argument("--lr_backbone", default=1e-5, type=float,
+                       help="learning rate of the backbone; 0 freezes it")
+    train.add_argument("--batch_size", default=2, type=int, help="images per step and process")
+    train.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
+    train.add_argument("--epochs", default=300, type=int, help="epochs to train in all (a resumed run included)")
+    train.add_argument("--lr_drop", default=200, type=int, help="epochs between the 10x learning-rate drops")
+    train.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: none)")
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--frozen_weights", type=str, default=None,
-                       help="path to a pretrained model; only the mask head would be trained (not supported)")
-    model.add_argument("--backbone", default="resnet50", type=str, choices=RESNETS)
+    model = parser.add_argument_group("model (taken from the checkpoint on --resume, --finetune and --eval)")
+    model.add_argument("--backbone", default="resnet50", type=str, choices=RESNETS, help="torchvision ResNet")
     model.add_argument("--dilation", action="store_true",
-                       help="replace the stride of the last block by a dilation (DC5)")
-    model.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"))
-    model.add_argument("--enc_layers", default=6, type=int)
-    model.add_argument("--dec_layers", default=6, type=int)
-    model.add_argument("--dim_feedforward", default=2048, type=int)
-    model.add_argument("--hidden_dim", default=256, type=int)
-    model.add_argument("--dropout", default=0.1, type=float)
-    model.add_argument("--nheads", default=8, type=int)
-    model.add_argument("--num_queries", default=100, type=int)
-    model.add_argument("--pre_norm", action="store_true")
-    model.add_argument("--masks", action="store_true", help="segmentation head (not supported by fastdetr)")
+                       help="replace the stride of the last block by a dilation (DC5; resnet50/101)")
+    model.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"),
+                       help="position encoding of the image features")
+    model.add_argument("--enc_layers", default=6, type=int, help="transformer encoder layers")
+    model.add_argument("--dec_layers", default=6, type=int, help="transformer decoder layers")
+    model.add_argument("--dim_feedforward", default=2048, type=int, help="width of the transformer's FFN")
+    model.add_argument("--hidden_dim", default=256, type=int, help="width of the transformer (embeddings)")
+    model.add_argument("--dropout", default=0.1, type=float, help="dropout in the transformer")
+    model.add_argument("--nheads", default=8, type=int, help="attention heads")
+    model.add_argument("--num_queries", default=100, type=int,
+                       help="object queries: the most objects detected in one image")
+    model.add_argument("--pre_norm", action="store_true", help="LayerNorm before each sublayer instead of after")
     model.add_argument("--backbone_norm", default="frozen", choices=NORMS,
                        help="'frozen' is the official FrozenBatchNorm2d; 'batch' trains BatchNorm (from scratch)")
     model.add_argument("--train_backbone_stem", action="store_true",
@@ -47,34 +47,47 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model.add_argument("--pretrained_backbone", action="store_true",
                        help="start the backbone from torchvision's ImageNet weights (as the official code does)")
     model.add_argument("--num_classes", default=None, type=int,
-                       help="largest class id + 1 (default: 91 for coco, 20 otherwise; "
-                            "the training CLI uses the dataset's largest category id + 1)")
+                       help="largest class id + 1 (default: the dataset's largest category id + 1)")
 
     loss = parser.add_argument_group("loss")
-    loss.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
-    loss.add_argument("--set_cost_class", default=1, type=float)
-    loss.add_argument("--set_cost_bbox", default=5, type=float)
-    loss.add_argument("--set_cost_giou", default=2, type=float)
-    loss.add_argument("--mask_loss_coef", default=1, type=float)
-    loss.add_argument("--dice_loss_coef", default=1, type=float)
-    loss.add_argument("--bbox_loss_coef", default=5, type=float)
-    loss.add_argument("--giou_loss_coef", default=2, type=float)
+    loss.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
+                      help="no losses on the outputs of the intermediate decoder layers")
+    loss.add_argument("--set_cost_class", default=1, type=float, help="class weight in the matching cost")
+    loss.add_argument("--set_cost_bbox", default=5, type=float, help="L1 box weight in the matching cost")
+    loss.add_argument("--set_cost_giou", default=2, type=float, help="GIoU weight in the matching cost")
+    loss.add_argument("--bbox_loss_coef", default=5, type=float, help="weight of the L1 box loss")
+    loss.add_argument("--giou_loss_coef", default=2, type=float, help="weight of the GIoU loss")
     loss.add_argument("--eos_coef", default=0.1, type=float, help="weight of the no-object class")
 
     data = parser.add_argument_group("data and run")
-    data.add_argument("--dataset_file", default="coco")
-    data.add_argument("--coco_path", type=str)
-    data.add_argument("--coco_panoptic_path", type=str)
-    data.add_argument("--remove_difficult", action="store_true")
+    data.add_argument("--coco_path", type=str,
+                      help="dataset folder in the COCO layout (train2017/, val2017/, annotations/) or Roboflow's "
+                           "(train/, valid/ with _annotations.coco.json); none: the synthetic demo")
     data.add_argument("--output_dir", default="", help="where to save; empty for no saving")
-    data.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    data.add_argument("--seed", default=42, type=int)
-    data.add_argument("--resume", default="", help="resume from checkpoint")
-    data.add_argument("--start_epoch", default=0, type=int, metavar="N")
-    data.add_argument("--eval", action="store_true")
-    data.add_argument("--num_workers", default=2, type=int)
-    data.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
-    data.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    data.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                      help="cpu, cuda, cuda:1, ...")
+    data.add_argument("--seed", default=42, type=int, help="random seed (each process adds its rank)")
+    data.add_argument("--resume", default="", help="continue the run of this checkpoint (path or URL)")
+    data.add_argument("--start_epoch", default=0, type=int, metavar="N",
+                      help="first epoch (set from the checkpoint on --resume)")
+    data.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
+    data.add_argument("--num_workers", default=2, type=int, help="data loader processes (0: load in the main one)")
+    data.add_argument("--dist_url", default="env://", help="how torchrun's processes meet (torch.distributed)")
+
+    unused = parser.add_argument_group("official flags without effect here (accepted so that official command "
+                                       "lines run)")
+    unused.add_argument("--frozen_weights", type=str, default=None,
+                        help="segmentation training from a detection model: not supported (refused)")
+    unused.add_argument("--masks", action="store_true", help="segmentation head: not supported (refused)")
+    unused.add_argument("--mask_loss_coef", default=1, type=float, help="segmentation loss weight: unused")
+    unused.add_argument("--dice_loss_coef", default=1, type=float, help="segmentation loss weight: unused")
+    unused.add_argument("--dataset_file", default="coco",
+                        help="only COCO-format detection data is read; other values only change the default "
+                             "class count of build_model")
+    unused.add_argument("--coco_panoptic_path", type=str, help="panoptic data: unused")
+    unused.add_argument("--remove_difficult", action="store_true", help="(a Pascal VOC option upstream): unused")
+    unused.add_argument("--world_size", default=1, type=int,
+                        help="unused: torchrun's WORLD_SIZE gives the number of processes")
     return parser
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .misc import get_world_size, is_dist_avail_and_initialized, is_main_process
+from .progress import Progress, RunClock
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHOWN = ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error")
@@ -95,10 +96,12 @@ def train_step(model, criterion, optimizer, samples, targets, amp_dtype=None, ma
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm: float = 0, amp: str = "none",
-                    scaler=None, print_freq: int = 10):
+                    scaler=None, print_freq: int = 10, clock: RunClock = None, epochs: int = None):
     """One pass over data_loader; returns the epoch averages of the official logged values and the lr.
 
-    A non-finite loss raises FloatingPointError at the next logging point (every print_freq iterations).
+    Progress: a bar in a terminal, else a line after the first iteration and every print_freq iterations; `clock`
+    (a RunClock over the whole run) adds the run's time left, `epochs` the run's epoch count. A non-finite loss
+    raises FloatingPointError at the next logging point.
     """
     model.train()
     criterion.train()
@@ -107,6 +110,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     last_values, last_count, last_iter = None, 0, 0
     start = last_log = end = time.perf_counter()
     data_time = 0.0
+    of = f"/{epochs}" if epochs else ""
+    bar = Progress(num_iters, f"Epoch {epoch}{of}", leave=False)
     for i, (samples, targets) in enumerate(data_loader):
         data_time += time.perf_counter() - end
         samples = samples.to(device, non_blocking=True)
@@ -119,8 +124,12 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
             raise FloatingPointError(f"{error}: epoch {epoch}, iteration {i + 1}. Stopping; the last checkpoint "
                                      f"is the one of the previous epoch. {_ADVICE}") from None
         meter.update(stats)
+        if clock is not None:
+            clock.step()
 
-        if (i + 1) % print_freq == 0 or i + 1 == num_iters:
+        if bar.bar is not None:
+            bar.update()
+        if (i + 1) % print_freq == 0 or i + 1 == num_iters or i == 0:
             values, count = meter.read()  # the only host synchronisation of the loop
             window = {k: v - (last_values[k] if last_values else 0) for k, v in values.items()}
             if not math.isfinite(window["loss"]):
@@ -130,21 +139,26 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
                     f"of the previous epoch. {_ADVICE}")
             now = time.perf_counter()
             iter_time = (now - last_log) / (count - last_count) * get_world_size()
-            if is_main_process():
+            run_eta = f"  run eta: {clock.eta()}" if clock is not None else ""
+            if bar.bar is not None:
+                bar.bar.set_postfix_str(f"{_format(window, count - last_count)}{run_eta}", refresh=False)
+            elif is_main_process():
                 eta = datetime.timedelta(seconds=int(iter_time * (num_iters - i - 1)))
                 memory = (f"  max mem: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB"
                           if device.type == "cuda" else "")
-                print(f"Epoch: [{epoch}] [{i + 1:>{len(str(num_iters))}}/{num_iters}]  eta: {eta}  "
+                print(f"Epoch: [{epoch}{of}] [{i + 1:>{len(str(num_iters))}}/{num_iters}]  eta: {eta}{run_eta}  "
                       f"lr: {optimizer.param_groups[0]['lr']:.6f}  {_format(window, count - last_count)}  "
                       f"time: {iter_time:.3f}  data: {data_time / (i + 1):.3f}{memory}", flush=True)
             last_values, last_count, last_iter, last_log = values, count, i + 1, now
         end = time.perf_counter()
 
+    bar.close()
     values, count = meter.read()
     averages = {k: v / count for k, v in values.items()}
     if is_main_process():
         took = datetime.timedelta(seconds=int(time.perf_counter() - start))
-        print(f"Epoch: [{epoch}] done in {took} ({(time.perf_counter() - start) / num_iters:.3f} s/it)  "
+        run_eta = f", run eta {clock.eta()}" if clock is not None else ""
+        print(f"Epoch: [{epoch}{of}] done in {took} ({(time.perf_counter() - start) / num_iters:.3f} s/it{run_eta})  "
               f"{_format(values, count)}", flush=True)
     averages["lr"] = optimizer.param_groups[0]["lr"]
     return averages
@@ -186,12 +200,13 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, amp
     """Losses and COCO box AP on data_loader.
 
     Returns (stats, coco_eval, summary): the averaged logged values plus "coco_eval_bbox" (the 12 COCO numbers) on
-    every process; the COCOeval object and its printed summary on the main process (None elsewhere).
+    every process; the COCOeval object and its 12-line summary (not printed) on the main process (None elsewhere).
     """
     model.eval()
     criterion.eval()
     dtype = AMP_DTYPES[amp]
     meter, results, start = _Meter(), {}, time.perf_counter()
+    bar = Progress(len(data_loader), "Test", leave=False)
     for i, (samples, targets) in enumerate(data_loader):
         image_ids = [int(t["image_id"]) for t in targets]
         samples = samples.to(device, non_blocking=True)
@@ -203,8 +218,11 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, amp
         orig_target_sizes = torch.stack([t["orig_size"] for t in targets])
         predictions = postprocessors["bbox"](outputs, orig_target_sizes)
         results.update({image_id: to_coco_results(p, image_id) for image_id, p in zip(image_ids, predictions)})
-        if is_main_process() and ((i + 1) % print_freq == 0 or i + 1 == len(data_loader)):
+        if bar.bar is not None:
+            bar.update()
+        elif is_main_process() and ((i + 1) % print_freq == 0 or i + 1 == len(data_loader)):
             print(f"Test: [{i + 1}/{len(data_loader)}]  {time.perf_counter() - start:.1f}s", flush=True)
+    bar.close()
 
     values, count = meter.read()
     stats = {k: v / count for k, v in values.items()}
@@ -216,7 +234,6 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, amp
     coco_eval, summary, ap = None, None, [None]
     if is_main_process():
         coco_eval, summary = coco_evaluate(base_ds, [r for image in results.values() for r in image])
-        print(summary, end="", flush=True)
         ap = [coco_eval.stats.tolist()]
     if is_dist_avail_and_initialized():
         dist.broadcast_object_list(ap, src=0)

@@ -1,89 +1,90 @@
-"""Detect objects in images: ``python -m fastdetr.predict IMAGES... --checkpoint PATH [--threshold 0.7] --out DIR``.
+"""Detect objects in images: ``fastdetr-predict IMAGES... --checkpoint PATH [--threshold T] --out DIR``.
 
-Writes each image with its boxes, class names and scores drawn, and detections.json in the COCO results format
-(image_id is the file name's number for COCO-style names like 000000039769.jpg, else the image's position in the
-command line; each entry also names its file). Takes official DETR checkpoints (COCO's 91 class names) and
-fastdetr's (the dataset's names are stored in them); the architecture is read from the checkpoint, except DC5, which
-official checkpoints without arguments need to be told with --dilation.
+IMAGES are files, folders (their images, sorted) or glob patterns ("photos/*.jpg", quoted or not). Writes each
+image with its boxes, class names and scores drawn, and detections.json in the COCO results format (each entry also
+names its file). image_id comes from --annotations (a COCO file listing the images, matched by file name), else
+from COCO-style numeric file names (000000039769.jpg), else the image's position among the inputs. Takes official
+DETR checkpoints (COCO's 91 class names) and fastdetr's (the dataset's names and a score threshold chosen on its
+validation split are stored in them); the architecture is read from the checkpoint, except DC5, which official
+checkpoints without arguments need to be told with --dilation. The detection itself is fastdetr.Detector.
 
 An image that cannot be read is reported and skipped; the others are still drawn and written, and the command then
 exits with code 1. Drawings of inputs with the same file name get distinct names (name-2.jpg, ...). Usage errors (a
 missing image file, a checkpoint that is not DETR's) exit with code 2 before anything is computed.
 """
 import argparse
+import glob
 import json
 import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2 import functional as F
-from torchvision.utils import draw_bounding_boxes
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from . import ops
-from .build import build_model, default_args
-from .checkpoint import CheckpointError, checkpoint_architecture, load_checkpoint
+from .checkpoint import CheckpointError
 from .data.coco import to_rgb
-from .data.transforms import make_coco_transforms
-from .train import load_file
+from .inference import Detector
 
-# The official COCO label names by category id (the DETR colab's CLASSES), "N/A" for the unused ids.
-COCO_CLASSES = [
-    "N/A", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie",
-    "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
-    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon",
-    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
-    "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop",
-    "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
-    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-]
-
-
-def model_args(checkpoint, device, dilation=False, name="the checkpoint"):
-    """build_model arguments for a checkpoint: its saved arguments where it has them (the image scale), its
-    architecture as fastdetr.checkpoint reads it."""
-    args = default_args(device=device)
-    for key, value in vars(checkpoint.get("args") or argparse.Namespace()).items():
-        if hasattr(args, key) and key != "device":
-            setattr(args, key, value)
-    vars(args).update(checkpoint_architecture(checkpoint, name, dilation))
-    args.pretrained_backbone = False
-    return args
-
-
-def load_model(path, device, dilation=False):
-    """(model in eval mode, postprocessors, class names, args) from a checkpoint path or URL."""
-    checkpoint = load_file(path)
-    if isinstance(checkpoint, dict) and "model" not in checkpoint:
-        checkpoint = {"model": checkpoint}
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path} is not a DETR checkpoint (a {type(checkpoint).__name__})")
-    args = model_args(checkpoint, device, dilation, path)
-    model, _, postprocessors = build_model(args)
-    load_checkpoint(model, checkpoint)
-    model.to(device).eval()
-    names = checkpoint.get("class_names")
-    if names is None:
-        names = COCO_CLASSES if args.num_classes == 91 else [str(i) for i in range(args.num_classes)]
-    return model, postprocessors, names, args
-
-
-def image_id_for(path: Path, position: int) -> int:
-    return int(path.stem) if path.stem.isdigit() else position
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DEFAULT_THRESHOLD = 0.7  # for checkpoints without a threshold of their own (official ones)
+DRAW_MIN_SIDE = 640  # smaller images are drawn enlarged, so that labels stay readable
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("fastdetr prediction", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("images", nargs="+", type=Path)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint path or URL (official or fastdetr's)")
-    parser.add_argument("--threshold", default=0.7, type=float, help="lowest score drawn and written")
-    parser.add_argument("--out", default="predictions", type=Path, help="output folder")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = argparse.ArgumentParser(
+        "fastdetr-predict", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Draw and write the detections of a DETR checkpoint on images.",
+        epilog="examples:\n"
+               "  fastdetr-predict photos/ --checkpoint outputs/checkpoint_best.pth\n"
+               "  fastdetr-predict 'data/valid/*.jpg' --checkpoint outputs/model.pth --threshold 0.5 --out preds\n"
+               "  fastdetr-predict data/val2017 --checkpoint outputs/model.pth "
+               "--annotations data/annotations/instances_val2017.json")
+    parser.add_argument("images", nargs="+", help="image files, folders of images, or glob patterns")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint path or URL: fastdetr's (checkpoint.pth, checkpoint_best.pth, model.pth) or "
+                             "an official DETR one")
+    parser.add_argument("--threshold", default=None, type=float,
+                        help="lowest score drawn and written (default: the checkpoint's own, chosen on its "
+                             f"validation split; {DEFAULT_THRESHOLD} for official checkpoints)")
+    parser.add_argument("--out", default="predictions", type=Path, help="output folder (default: predictions)")
+    parser.add_argument("--annotations", type=Path, default=None,
+                        help="a COCO annotation file listing the images: detections.json then uses its image ids")
+    parser.add_argument("--batch_size", default=4, type=int, help="images per forward pass (default: 4)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dilation", action="store_true", help="the checkpoint is a DC5 model (official ones "
                                                                 "carry no arguments to tell)")
     return parser
+
+
+def expand_inputs(items):
+    """(image paths, items that match nothing): files as given, folders' images sorted, globs expanded."""
+    paths, missing = [], []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+        (paths.extend(found) if found else missing.append(item))
+    return paths, missing
+
+
+def image_ids_from(annotations: Path) -> dict:
+    """{file name: image id} of a COCO annotation file, by full file_name and by base name."""
+    images = json.loads(annotations.read_text())["images"]
+    ids = {Path(image["file_name"]).name: image["id"] for image in images}
+    ids.update({image["file_name"]: image["id"] for image in images})
+    return ids
+
+
+def image_id_for(path: Path, position: int, ids=None):
+    if ids is not None:
+        return ids.get(path.name, ids.get(str(path)))
+    return int(path.stem) if path.stem.isdigit() else position
 
 
 def drawing_name(path: Path, taken: set) -> str:
@@ -102,59 +103,102 @@ def read_image(path: Path) -> Image.Image:
         return to_rgb(image)
 
 
+def label_font(size: int):
+    """DejaVu Sans (shipped with matplotlib) at `size` pixels; PIL's own scalable font if it cannot be found."""
+    try:
+        from matplotlib import font_manager
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+    except (ImportError, OSError, ValueError):
+        return ImageFont.load_default(size)
+
+
+def draw_detections(image: Image.Image, detection: dict, palette) -> Image.Image:
+    """The image (enlarged when small) with a box per detection and a label on a filled tag, kept inside."""
+    scale = max(1.0, DRAW_MIN_SIDE / max(image.size))
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC) \
+        if scale > 1 else image.copy()
+    draw = ImageDraw.Draw(image)
+    side = min(image.size)
+    font, width = label_font(max(12, side // 32)), max(2, side // 200)
+    for box, score, label, name in zip((detection["boxes"] * scale).tolist(), detection["scores"].tolist(),
+                                       detection["labels"].tolist(), detection["names"]):
+        color = palette(label)
+        draw.rectangle(box, outline=color, width=width)
+        text = f"{name} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left + 6, bottom - top + 4
+        x = min(max(box[0], 0), max(image.width - tw, 0))
+        y = box[1] - th if box[1] - th >= 0 else min(max(box[1], 0), max(image.height - th, 0))
+        draw.rectangle([x, y, x + tw, y + th], fill=color)
+        dark = sum(c * w for c, w in zip(color, (0.299, 0.587, 0.114))) > 150
+        draw.text((x + 3 - left, y + 2 - top), text, fill="black" if dark else "white", font=font)
+    return image
+
+
+def palette(label: int):
+    """A stable, saturated colour per class id."""
+    generator = torch.Generator().manual_seed(label)
+    return tuple(int(c) for c in torch.randint(40, 256, (3,), generator=generator))
+
+
 def usage_error(message: str):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-@torch.no_grad()
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    missing = [str(p) for p in args.images if not p.is_file()]
+    paths, missing = expand_inputs(args.images)
     if missing:
-        usage_error(f"image file(s) not found: {', '.join(missing)}")
+        usage_error(f"no image file or folder at: {', '.join(missing)}")
+    if args.batch_size < 1:
+        usage_error(f"--batch_size {args.batch_size}: must be at least 1")
+    ids = None
+    if args.annotations is not None:
+        try:
+            ids = image_ids_from(args.annotations)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            usage_error(f"--annotations {args.annotations}: not a readable COCO annotation file ({error})")
     try:
         ops.kernel_mode()
-        device = torch.device(args.device)
-        model, postprocessors, names, model_arguments = load_model(args.checkpoint, device, args.dilation)
+        detector = Detector.from_checkpoint(args.checkpoint, args.device, args.dilation, batch_size=args.batch_size)
     except (ValueError, OSError, CheckpointError) as error:
         usage_error(f"--checkpoint {args.checkpoint}: {error}" if not isinstance(error, ValueError) else str(error))
-    transform = make_coco_transforms("val", getattr(model_arguments, "min_size", 800),
-                                     getattr(model_arguments, "max_size", 1333))
+    threshold = args.threshold if args.threshold is not None else detector.threshold
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         usage_error(f"--out {args.out}: cannot create the folder ({error.strerror or error})")
-    palette = [tuple(int(c) for c in torch.randint(64, 256, (3,), generator=torch.Generator().manual_seed(i)))
-               for i in range(len(names))]
-    results, unreadable, taken = [], [], {"detections.json"}
-    for position, path in enumerate(args.images, start=1):
+    results, unreadable, taken, unlisted = [], [], {"detections.json"}, []
+    readable = []
+    for position, path in enumerate(paths, start=1):
         try:
-            image = read_image(path)
+            readable.append((position, path, read_image(path)))
         except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as error:
             print(f"{path}: skipped, cannot read the image ({error})", file=sys.stderr, flush=True)
             unreadable.append(str(path))
-            continue
-        tensor, _ = transform(image, None)
-        outputs = model(tensor[None].to(device))
-        size = torch.tensor([[image.height, image.width]], device=device)
-        detection = postprocessors["bbox"](outputs, size)[0]
-        keep = detection["scores"] > args.threshold
-        boxes, scores = detection["boxes"][keep].cpu(), detection["scores"][keep].cpu()
-        labels = detection["labels"][keep].cpu()
-        image_id = image_id_for(path, position)
-        name = drawing_name(path, taken)
-        for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
-            results.append({"image_id": image_id, "category_id": label, "score": round(score, 5),
-                            "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
-                                     round(box[3] - box[1], 2)], "file_name": str(path), "drawing": name})
-        drawn = draw_bounding_boxes(F.pil_to_tensor(image), boxes,
-                                    labels=[f"{names[k]} {s:.2f}" for k, s in zip(labels.tolist(), scores.tolist())],
-                                    colors=[palette[k] for k in labels.tolist()], width=3)
-        F.to_pil_image(drawn).save(args.out / name)
-        print(f"{path}: {len(boxes)} detection(s) above {args.threshold} -> {args.out / name}", flush=True)
+    for start in range(0, len(readable), args.batch_size):
+        chunk = readable[start:start + args.batch_size]
+        detections = detector([image for _, _, image in chunk], threshold=threshold)
+        for (position, path, image), detection in zip(chunk, detections):
+            image_id = image_id_for(path, position, ids)
+            if image_id is None:
+                unlisted.append(path.name)
+            name = drawing_name(path, taken)
+            for box, score, label in zip(detection["boxes"].tolist(), detection["scores"].tolist(),
+                                         detection["labels"].tolist()):
+                results.append({"image_id": image_id, "category_id": label, "score": round(score, 5),
+                                "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
+                                         round(box[3] - box[1], 2)], "file_name": str(path), "drawing": name})
+            draw_detections(image, detection, palette).save(args.out / name)
+            found = ", ".join(f"{n} {s:.2f}" for n, s in zip(detection["names"], detection["scores"].tolist()))
+            print(f"{path}: {len(detection['scores'])} above {threshold:g}{': ' + found if found else ''} -> "
+                  f"{args.out / name}", flush=True)
     (args.out / "detections.json").write_text(json.dumps(results))
-    print(f"Wrote {len(args.images) - len(unreadable)} image(s) and detections.json to {args.out}")
+    print(f"Wrote {len(readable)} image(s) and detections.json to {args.out}")
+    if unlisted:
+        print(f"warning: {len(unlisted)} image(s) not in {args.annotations} (image_id null): "
+              f"{', '.join(unlisted[:5])}", file=sys.stderr)
     if unreadable:
         print(f"error: {len(unreadable)} image(s) could not be read: {', '.join(unreadable)}", file=sys.stderr)
         sys.exit(1)

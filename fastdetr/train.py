@@ -5,7 +5,11 @@
 - --amp {none,bf16,fp16}, --kernels, --num_classes (default from the dataset), --finetune CKPT, --min_size and
   --max_size (the image scale), and ImageNet backbone weights when they can be had;
 - --output_dir defaults to ./outputs (an empty value still means "do not save");
-- checkpoints written atomically, with grad scaler and RNG states so that --resume continues exactly;
+- COCO or Roboflow layouts, or annotation files and image folders named by flags (--train_annotations, ...);
+- checkpoints written atomically, with grad scaler and RNG states so that --resume continues exactly; the best
+  epoch's weights (checkpoint_best.pth, and model.pth: 16-bit weights only) with a score threshold for predict;
+- a bar per epoch in a terminal (lines in a log) with the run's time left, the per-class AP after evaluation,
+  the settings in config.json;
 - one validation pass before training (fastdetr.validate): a mistake in the arguments, data, output folder or
   checkpoint is reported in one line with exit code 2; on --resume, --finetune and --eval the architecture comes
   from the checkpoint.
@@ -30,9 +34,14 @@ import torchvision
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from . import build
-from .checkpoint import CheckpointError, check_optimizer_state, load_checkpoint, safe_load, save_checkpoint
+from .checkpoint import CheckpointError, check_optimizer_state, load_checkpoint, save_checkpoint
 from .data import DataError, build_dataset, collate_fn, make_synthetic_coco
+from .data.coco import split_paths
+from .data.transforms import AUGMENTATIONS
+from .progress import RunClock
+from .report import format_table, per_class_ap, suggested_threshold
 from .engine import evaluate, train_one_epoch
+from .inference import load_file
 from .misc import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from .ops import MODES, use_kernels
 from .validate import (UsageError, changed_hyperparameters, check_args, check_datasets, check_free_space,
@@ -52,8 +61,9 @@ from .validate import (UsageError, changed_hyperparameters, check_args, check_da
 #   epoch count is what fits the time.
 SYNTHETIC_CPU = dict(
     backbone="resnet18", backbone_norm="batch", train_backbone_stem=False, hidden_dim=128, dim_feedforward=512,
-    enc_layers=2, dec_layers=2, num_queries=10, dropout=0.0, lr=1e-4, lr_backbone=1e-3, batch_size=8, epochs=12,
-    lr_drop=11, min_size=128, max_size=192, num_workers=0, synthetic_train=1000, synthetic_val=200, print_freq=50,
+    enc_layers=2, dec_layers=2, num_queries=10, dropout=0.0, lr=1e-4, lr_backbone=1e-3, batch_size=8, epochs=16,
+    lr_drop=13, min_size=128, max_size=128, augment="flip", num_workers=0, synthetic_train=1000, synthetic_val=200,
+    print_freq=25,
 )
 SYNTHETIC_CUDA = dict(
     SYNTHETIC_CPU, backbone="resnet34", train_backbone_stem=True, hidden_dim=256, dim_feedforward=1024, enc_layers=3,
@@ -62,42 +72,94 @@ SYNTHETIC_CUDA = dict(
 )
 
 
+EPILOG = """recipes:
+  the demo (synthetic shapes, small model, about 10 minutes on 2 CPU cores):
+    fastdetr-train
+  your COCO-format data (COCO layout, or a Roboflow "COCO JSON" export), from official COCO weights:
+    fastdetr-train --coco_path data/my_dataset --finetune https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth \\
+        --epochs 50 --lr_drop 40 --output_dir outputs/mine
+  annotation files and image folders named explicitly (relative to --coco_path):
+    fastdetr-train --coco_path data --train_annotations labels/train.json --train_images images/train \\
+        --val_annotations labels/val.json --val_images images/val
+  continue a run, evaluate it, predict with it:
+    fastdetr-train --resume outputs/checkpoint.pth --epochs 100
+    fastdetr-train --coco_path data/my_dataset --eval --resume outputs/checkpoint_best.pth
+    fastdetr-predict photos/ --checkpoint outputs/model.pth
+  the paper's COCO recipe (8 GPUs, 300 epochs):
+    torchrun --nproc_per_node=8 -m fastdetr.train --coco_path /path/to/coco --output_dir outputs/detr_r50
+
+On --resume, --finetune and --eval the architecture comes from the checkpoint: the model flags need not be repeated.
+"""
+
+
 def get_args_parser():
-    parser = argparse.ArgumentParser("fastdetr training and evaluation",
+    parser = argparse.ArgumentParser("fastdetr-train", description="Train or evaluate DETR on COCO-format data (no "
+                                     "--coco_path: a synthetic demo).", epilog=EPILOG,
                                      parents=[build.get_args_parser(add_help=False)],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(output_dir="outputs", pretrained_backbone=True)
-    parser.add_argument("--no_pretrained_backbone", dest="pretrained_backbone", action="store_false",
-                        help="do not look for ImageNet backbone weights (trainable BatchNorm is then advised)")
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
-                        help="mixed precision (default: bf16 on CUDA, none on CPU)")
-    parser.add_argument("--kernels", choices=MODES, default=None,
-                        help="Triton kernels or the PyTorch reference (default: FASTDETR_KERNELS, else auto)")
-    parser.add_argument("--finetune", default="", help="start a new run from these weights (path or URL), with "
-                                                       "their architecture; the class head is dropped when the "
-                                                       "class count differs")
-    parser.add_argument("--overwrite_output_dir", action="store_true",
-                        help="let a new run replace the checkpoint and log.txt of another run in --output_dir")
-    parser.add_argument("--bad_images", choices=("stop", "skip"), default="stop",
-                        help="an image file that cannot be decoded: stop with its name, or skip it with a warning "
-                             "(the next readable image takes its place)")
-    parser.add_argument("--min_size", default=800, type=int, help="validation short side; training scales follow")
-    parser.add_argument("--max_size", default=1333, type=int, help="longest image side")
-    parser.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
-    parser.add_argument("--synthetic_train", default=1600, type=int, help="synthetic training images (no --coco_path)")
-    parser.add_argument("--synthetic_val", default=200, type=int, help="synthetic validation images (no --coco_path)")
+    own = parser.add_argument_group("fastdetr")
+    own.add_argument("--no_pretrained_backbone", dest="pretrained_backbone", action="store_false",
+                     help="train the backbone from scratch (trainable BatchNorm is then advised). Default: ImageNet "
+                          "weights with --coco_path when they can be downloaded, none for the synthetic demo")
+    own.add_argument("--train_annotations", default=None,
+                     help="training annotation file (COCO JSON), relative to --coco_path (default: the layout's)")
+    own.add_argument("--train_images", default=None,
+                     help="training image folder, relative to --coco_path (default: the layout's, else the "
+                          "annotation file's folder)")
+    own.add_argument("--val_annotations", default=None, help="validation annotation file, as --train_annotations")
+    own.add_argument("--val_images", default=None, help="validation image folder, as --train_images")
+    own.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
+                     help="mixed precision (default: bf16 on CUDA, none on CPU)")
+    own.add_argument("--kernels", choices=MODES, default=None,
+                     help="Triton kernels or the PyTorch reference (default: FASTDETR_KERNELS, else auto)")
+    own.add_argument("--finetune", default="", help="start a new run from these weights (path or URL), with "
+                                                    "their architecture; the class head is new when the class "
+                                                    "count differs")
+    own.add_argument("--overwrite_output_dir", action="store_true",
+                     help="let a new run replace the checkpoint and log.txt of another run in --output_dir")
+    own.add_argument("--bad_images", choices=("stop", "skip"), default="stop",
+                     help="an image file that cannot be decoded: stop with its name, or skip it with a warning "
+                          "(the next readable image takes its place)")
+    own.add_argument("--min_size", default=800, type=int, help="validation short side; training scales follow")
+    own.add_argument("--max_size", default=1333, type=int, help="longest image side")
+    own.add_argument("--augment", choices=AUGMENTATIONS, default="paper",
+                     help="paper: flips, multi-scale resizing and crops; flip: flips at the validation scale only")
+    own.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines (logs)")
+    own.add_argument("--synthetic_train", default=1600, type=int, help="synthetic training images (no --coco_path)")
+    own.add_argument("--synthetic_val", default=200, type=int, help="synthetic validation images (no --coco_path)")
+    cuda = torch.cuda.is_available()
+    describe_defaults(parser, SYNTHETIC_CUDA if cuda else SYNTHETIC_CPU, "CUDA" if cuda else "CPU")
     return parser
+
+
+def describe_defaults(parser, preset: dict, device: str):
+    """Append to each flag's help the default the run uses: the flag's, and the synthetic demo's where it differs."""
+    for action in parser._actions:
+        if action.help in (None, argparse.SUPPRESS) or action.dest == "help" or "default:" in action.help:
+            continue
+        demo = preset.get(action.dest, action.default)
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if demo != action.default and action.const == demo:
+                action.help += f" (on for the synthetic demo on {device})"
+            continue
+        parts = [] if action.default is None else [f"default: {action.default}"]
+        if demo != action.default:
+            parts.append(f"synthetic demo on {device}: {demo}")
+        if parts:
+            action.help += f" ({'; '.join(parts)})"
 
 
 def parse_args(argv=None):
     parser = get_args_parser()
     known, _ = parser.parse_known_args(argv)
-    if known.coco_path is None:
+    synthetic = known.coco_path is None and not any((known.train_annotations, known.val_annotations))
+    if synthetic:
         cuda = torch.device(known.device).type == "cuda"
         parser.set_defaults(**(SYNTHETIC_CUDA if cuda else SYNTHETIC_CPU), pretrained_backbone=False)
     args = parser.parse_args(argv)
     args.given_flags = given_flags(parser, argv)
-    args.synthetic = args.coco_path is None
+    args.synthetic = synthetic
     if args.amp is None:
         args.amp = "bf16" if torch.device(args.device).type == "cuda" else "none"
     return args
@@ -120,20 +182,9 @@ def init_distributed_mode(args):
     dist.barrier()
 
 
-def log(*message):
+def log(*message, end="\n"):
     if is_main_process():
-        print(*message, flush=True)
-
-
-def load_file(path_or_url: str):
-    """A checkpoint from a path or an http(s) URL (downloaded once into torch.hub's cache), loaded safely."""
-    if path_or_url.startswith(("http://", "https://")):
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(path_or_url.split("?")[0])
-        if not cached.is_file():
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(path_or_url, str(cached))
-        path_or_url = str(cached)
-    return safe_load(path_or_url)
+        print(*message, end=end, flush=True)
 
 
 def rng_state(device):
@@ -179,7 +230,7 @@ def resolve_backbone_weights(args):
 
 def synthetic_root(args) -> Path:
     cache = Path(os.environ.get("FASTDETR_CACHE", Path.home() / ".cache" / "fastdetr"))
-    return cache / f"synthetic-{args.synthetic_train}-{args.synthetic_val}"
+    return cache / f"synthetic-{args.synthetic_train}-{args.synthetic_val}-{args.min_size}px"
 
 
 def make_loaders(args, dataset_train, dataset_val):
@@ -235,9 +286,10 @@ def prepare_data(args):
     """Both splits, checked against each other, the batch size and the model's classes."""
     if args.synthetic:
         root = synthetic_root(args)
-        log(f"No --coco_path: using the synthetic shapes dataset in {root} (generated on first use)")
-        if is_main_process():
-            make_synthetic_coco(root, args.synthetic_train, args.synthetic_val)
+        log(f"No --coco_path: the synthetic shapes dataset in {root} (generated on first use)")
+        if is_main_process():  # square images at the training scale: no resizing, no padding in a batch
+            make_synthetic_coco(root, args.synthetic_train, args.synthetic_val,
+                                size_range=(args.min_size, args.min_size), progress=True)
         if is_dist_avail_and_initialized():
             dist.barrier()
         args.coco_path = str(root)
@@ -287,6 +339,43 @@ def keep_log_before(output_dir: Path, epoch: int):
         path.write_text("".join(line for line in lines if json.loads(line).get("epoch", -1) < epoch))
 
 
+def describe(args) -> str:
+    """The run's settings, a few to a line, grouped as --help groups them (written in full to config.json)."""
+    shown = [k for k in vars(args) if k not in ("given_flags", "synthetic", "distributed", "rank", "gpu")]
+    items = [f"{k}={getattr(args, k)}" for k in shown if getattr(args, k) not in (None, "", False)]
+    lines, line = [], "  "
+    for item in items:
+        if len(line) + len(item) > 116:
+            lines.append(line.rstrip())
+            line = "  "
+        line += item + "  "
+    return "\n".join(lines + [line.rstrip()])
+
+
+def save_config(args, output_dir: Path):
+    """config.json: every setting of the run (values that JSON cannot hold as strings)."""
+    config = {k: v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v)
+              for k, v in vars(args).items()}
+    (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def deployment_checkpoint(model, args, class_names, threshold, epoch, ap, half: bool = False) -> dict:
+    """Weights, the settings that rebuild the model, class names and the score threshold: what --eval, --finetune,
+    predict and fastdetr.Detector need, without the optimizer state. half: floating tensors in 16 bits (model.pth;
+    they are loaded back into float32)."""
+    state = model.state_dict()
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    return {"model": state, "args": args, "class_names": class_names, "score_threshold": threshold, "epoch": epoch,
+            "ap": ap}
+
+
+def evaluation_report(coco_eval, summary: str) -> str:
+    """The COCO summary followed by the per-class AP table."""
+    return summary + "\nPer-class AP (IoU 0.50:0.95) and AP50 (IoU 0.50), validation split:\n" + \
+        format_table(per_class_ap(coco_eval))
+
+
 def run(args):
     """Train (or with args.eval, evaluate) as args say; returns the model (without DDP) and the last test stats.
 
@@ -306,7 +395,10 @@ def run(args):
         stem = "stem included" if args.train_backbone_stem else "stem (conv1, layer1) kept at its random weights"
         log(f"Training from scratch (no ImageNet weights): trainable BatchNorm, {stem}.")
     resolve_backbone_weights(args)
-    log(args)
+    if output_dir and is_main_process():
+        save_config(args, output_dir)
+    log("Configuration" + (f" (in full in {output_dir / 'config.json'})" if output_dir else "") + ":\n" +
+        describe(args))
 
     model, criterion, postprocessors = build.build_model(args)
     check_free_space(model, output_dir if is_main_process() and not args.eval else None)
@@ -318,7 +410,8 @@ def run(args):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda"
                                                           else None)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log("number of params:", n_parameters)
+    log(f"Model: {n_parameters / 1e6:.2f} M trainable parameters, {args.num_classes} classes "
+        f"({', '.join(n for n in class_names if n != 'N/A')[:200]})")
 
     param_dicts = [
         {"params": [p for n, p in model_without_ddp.named_parameters() if "backbone" not in n and p.requires_grad]},
@@ -331,6 +424,7 @@ def run(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     sampler_train, loader_train, loader_val = make_loaders(args, dataset_train, dataset_val)
 
+    best_ap = -1.0
     if checkpoint is not None:
         load_checkpoint(model_without_ddp, checkpoint)
         if args.resume and not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
@@ -338,6 +432,7 @@ def run(args):
                 resume_training(args, checkpoint, optimizer, lr_scheduler, scaler, device)
             except CheckpointError as error:
                 raise UsageError(f"--resume {error}") from None
+            best_ap = checkpoint.get("best_ap", best_ap)
             if output_dir and is_main_process():
                 keep_log_before(output_dir, args.start_epoch)
     if output_dir and is_main_process() and not args.resume and not args.eval:
@@ -346,57 +441,85 @@ def run(args):
     evaluate_args = (postprocessors, loader_val, dataset_val.coco, device, args.amp, args.print_freq)
     if args.eval:
         test_stats, coco_eval, summary = evaluate(model, criterion, *evaluate_args)
-        if output_dir and is_main_process():
-            save_eval(output_dir, coco_eval, summary)
-            log(f"Evaluation summary written to {output_dir / 'eval' / 'latest.txt'}")
+        if is_main_process():
+            report = evaluation_report(coco_eval, summary)
+            log(report, end="")
+            log(f"Suggested score threshold: {suggested_threshold(coco_eval):g} (best F1 at IoU 0.5)")
+            if output_dir:
+                save_eval(output_dir, coco_eval, report)
+                log(f"Evaluation summary written to {output_dir / 'eval' / 'latest.txt'}")
         return model_without_ddp, test_stats
 
-    log("Start training")
+    log(f"Start training: epochs {args.start_epoch}..{args.epochs - 1}, {len(loader_train)} steps each")
     start_time = time.time()
-    test_stats = {}
+    clock = RunClock(args.epochs * len(loader_train), args.start_epoch * len(loader_train))
+    test_stats, threshold = {}, None
     for epoch in range(args.start_epoch, args.epochs):
         if args.distributed:
             sampler_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
-                                      args.amp, scaler, args.print_freq)
+                                      args.amp, scaler, args.print_freq, clock, args.epochs)
         lr_scheduler.step()
+        with rng_preserved(device):
+            test_stats, coco_eval, summary = evaluate(model, criterion, *evaluate_args)
+        ap = test_stats["coco_eval_bbox"][0]
+        improved = ap > best_ap
+        best_ap = max(best_ap, ap)
         if output_dir:
             rng = [rng_state(device)]
             if is_dist_avail_and_initialized():
                 rng = [None] * get_world_size()
                 dist.all_gather_object(rng, rng_state(device))
+        if is_main_process():
+            threshold = suggested_threshold(coco_eval)
+            rows = per_class_ap(coco_eval)
+        if output_dir and is_main_process():
             checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                           "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
-                          "scaler": scaler.state_dict(), "rng": rng, "class_names": class_names}
+                          "scaler": scaler.state_dict(), "rng": rng, "class_names": class_names,
+                          "best_ap": best_ap, "score_threshold": threshold}
             paths = [output_dir / "checkpoint.pth"]
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
                 paths.append(output_dir / f"checkpoint{epoch:04}.pth")
-            if is_main_process():
-                for path in paths:
-                    save_checkpoint(checkpoint, path)
-        with rng_preserved(device):
-            test_stats, coco_eval, summary = evaluate(model, criterion, *evaluate_args)
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                     **{f"test_{k}": v for k, v in test_stats.items()},
-                     "epoch": epoch, "n_parameters": n_parameters}
-        if output_dir and is_main_process():
+            for path in paths:
+                save_checkpoint(checkpoint, path)
+            if improved:  # the weights of the best epoch so far, for evaluation, predict and deployment
+                save_checkpoint(deployment_checkpoint(model_without_ddp, args, class_names, threshold, epoch, ap),
+                                output_dir / "checkpoint_best.pth")
+                save_checkpoint(deployment_checkpoint(model_without_ddp, args, class_names, threshold, epoch, ap,
+                                                      half=True), output_dir / "model.pth")
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                         **{f"test_{k}": v for k, v in test_stats.items()},
+                         "test_per_class_ap": {name: [ap_k, ap50_k] for _, name, ap_k, ap50_k, _ in rows},
+                         "epoch": epoch, "n_parameters": n_parameters}
             with (output_dir / "log.txt").open("a") as f:
                 f.write(json.dumps(log_stats) + "\n")
-            save_eval(output_dir, coco_eval, summary, epoch)
+            save_eval(output_dir, coco_eval, evaluation_report(coco_eval, summary), epoch)
+        if is_main_process():
+            log(f"Epoch {epoch}: AP {ap:.3f}, AP50 {test_stats['coco_eval_bbox'][1]:.3f}"
+                f"{' (best so far)' if improved else f' (best {best_ap:.3f})'}, run eta {clock.eta()}")
 
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     log(f"Training time {total}")
-    if test_stats:
+    if test_stats and is_main_process():
+        log("\nValidation, last epoch:\n" + evaluation_report(coco_eval, summary), end="")
         ap, ap50 = test_stats["coco_eval_bbox"][:2]
-        log(f"Final box AP {ap:.3f}, AP50 {ap50:.3f} on {'the synthetic' if args.synthetic else 'the'} validation set")
-    if output_dir:
-        log(f"Outputs in {output_dir.resolve()}: checkpoint.pth, log.txt, eval/latest.txt (COCO summary)\n"
-            f"  curves:      python -m fastdetr.plot {output_dir}\n"
-            f"  predictions: python -m fastdetr.predict IMAGE... --checkpoint {output_dir / 'checkpoint.pth'} "
-            f"--out predictions")
+        log(f"Final box AP {ap:.3f}, AP50 {ap50:.3f} on {'the synthetic' if args.synthetic else 'the'} validation "
+            f"set; best AP {best_ap:.3f}")
+    if output_dir and is_main_process():
+        val_images = split_paths("val", args)[0]
+        log(f"Outputs in {output_dir.resolve()}:\n"
+            f"  checkpoint.pth (last epoch, for --resume), checkpoint_best.pth (best AP), model.pth (best, weights "
+            f"only, 16-bit), log.txt, config.json, eval/latest.txt (COCO summary, per-class AP)\n"
+            f"  curves:      fastdetr-plot {output_dir}\n"
+            f"  predictions: fastdetr-predict {val_images} --checkpoint {output_dir / 'model.pth'} "
+            f"--threshold {threshold:g} --out predictions\n"
+            f"               (threshold {threshold:g}: the best F1 at IoU 0.5 on the validation split; it is the "
+            f"default of model.pth)")
     if args.synthetic:
         log("The real recipe (COCO 2017 in its official layout, 8 GPUs, 300 epochs):\n"
-            "  torchrun --nproc_per_node=8 -m fastdetr.train --coco_path /path/to/coco --output_dir outputs/detr_r50")
+            "  torchrun --nproc_per_node=8 -m fastdetr.train --coco_path /path/to/coco --output_dir outputs/detr_r50\n"
+            "Your own COCO-format data: fastdetr-train --help (recipes at the end) and the README.")
     return model_without_ddp, test_stats
 
 

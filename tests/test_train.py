@@ -158,7 +158,7 @@ def test_resume_continues_exactly(coco, tmp_path):
     run_cli(*common, "--epochs", "1", "--output_dir", "resumed", cwd=tmp_path)
     out = run_cli(*common, "--epochs", "2", "--output_dir", "resumed", "--resume", "resumed/checkpoint.pth",
                   cwd=tmp_path)
-    assert "Epoch: [1]" in out and "Epoch: [0]" not in out
+    assert "Epoch: [1/2]" in out and "Epoch: [0/2]" not in out
     straight, resumed = ([json.loads(line) for line in (tmp_path / d / "log.txt").read_text().splitlines()]
                          for d in ("straight", "resumed"))
     assert [e["epoch"] for e in resumed] == [0, 1]
@@ -197,14 +197,17 @@ def test_command_lines_end_to_end(tmp_path):
     env = {"FASTDETR_CACHE": str(tmp_path / "cache")}
     out = run_cli("-m", "fastdetr.train", *TINY, "--synthetic_train", "8", "--synthetic_val", "4", "--epochs", "2",
                   "--lr_drop", "1", cwd=tmp_path, env=env)
-    assert (tmp_path / "cache" / "synthetic-8-4" / "annotations" / "instances_val2017.json").is_file()
+    assert (tmp_path / "cache" / "synthetic-8-4-64px" / "annotations" / "instances_val2017.json").is_file()
     assert "eta:" in out and "lr:" in out and "time:" in out and "data:" in out and "loss_giou:" in out
     assert "Final box AP" in out and f"Outputs in {tmp_path / 'outputs'}" in out and "--coco_path" in out
+    assert "run eta:" in out and "Per-class AP" in out and "Configuration" in out and "index created" not in out
+    assert "fastdetr-predict " in out and "--checkpoint outputs/model.pth --threshold" in out
 
     outputs = tmp_path / "outputs"
     files = {str(p.relative_to(outputs)) for p in outputs.rglob("*") if p.is_file()}
-    assert files == {"checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth", "log.txt", "eval/latest.pth",
-                     "eval/latest.txt", "eval/000.pth", "eval/000.txt"}
+    assert files == {"checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth", "checkpoint_best.pth",
+                     "model.pth", "config.json", "log.txt", "eval/latest.pth", "eval/latest.txt", "eval/000.pth",
+                     "eval/000.txt"}
     log = [json.loads(line) for line in (outputs / "log.txt").read_text().splitlines()]
     assert [e["epoch"] for e in log] == [0, 1]
     for key in ("train_lr", "train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_class_error",
@@ -216,7 +219,8 @@ def test_command_lines_end_to_end(tmp_path):
     assert {"model", "optimizer", "lr_scheduler", "epoch", "args", "scaler", "rng", "class_names"} <= set(checkpoint)
     assert checkpoint["class_names"] == ["N/A", "rectangle", "ellipse", "N/A", "triangle"]
     assert checkpoint["args"].num_classes == 5 and checkpoint["epoch"] == 1
-    assert len((outputs / "eval" / "latest.txt").read_text().strip().splitlines()) == 12
+    summary = (outputs / "eval" / "latest.txt").read_text()
+    assert summary.count("Average Precision") == 6 and "rectangle" in summary and "AP50" in summary
 
     out = run_cli("-m", "fastdetr.train", *TINY, "--synthetic_train", "8", "--synthetic_val", "4", "--eval",
                   "--resume", "outputs/checkpoint.pth", "--output_dir", "evaluated", cwd=tmp_path, env=env)
@@ -225,7 +229,7 @@ def test_command_lines_end_to_end(tmp_path):
     run_cli("-m", "fastdetr.plot", "outputs", cwd=tmp_path)
     assert (outputs / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    images = sorted((tmp_path / "cache" / "synthetic-8-4" / "val2017").glob("*.jpg"))[:2]
+    images = sorted((tmp_path / "cache" / "synthetic-8-4-64px" / "val2017").glob("*.jpg"))[:2]
     run_cli("-m", "fastdetr.predict", *map(str, images), "--checkpoint", "outputs/checkpoint.pth", "--threshold",
             "0.0", "--out", "predictions", cwd=tmp_path)
     assert {p.name for p in (tmp_path / "predictions").iterdir()} == {images[0].name, images[1].name,

@@ -16,6 +16,8 @@ Bad data is handled as follows; everything else raises `DataError` naming the fi
   a valid bbox or with an unknown category, two images, annotations or categories with the same id, which
   pycocotools would silently merge): `DataError` when the dataset is built.
 """
+import contextlib
+import io
 import sys
 from collections import Counter
 from pathlib import Path
@@ -96,7 +98,8 @@ class CocoDetection(torchvision.datasets.CocoDetection):
 
     def __init__(self, img_folder, ann_file, transforms=None, skip_bad_images: bool = False):
         try:
-            super().__init__(str(img_folder), str(ann_file))
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints four lines per file read
+                super().__init__(str(img_folder), str(ann_file))
         except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
             raise DataError(f"{ann_file}: not a JSON file ({e})") from None
         except (AssertionError, KeyError, TypeError, AttributeError) as e:
@@ -178,18 +181,51 @@ class ConvertCocoPolysToMask:
         return image, target
 
 
+# Where each layout keeps a split's (image folder, annotation file), relative to the dataset root.
+LAYOUTS = {
+    "coco": {"train": ("train2017", "annotations/instances_train2017.json"),
+             "val": ("val2017", "annotations/instances_val2017.json")},
+    # Roboflow's "COCO JSON" export: images and _annotations.coco.json together in train/, valid/ (and test/)
+    "roboflow": {"train": ("train", "train/_annotations.coco.json"),
+                 "val": ("valid", "valid/_annotations.coco.json")},
+}
+
+
+def detect_layout(root: Path) -> str:
+    """"roboflow" when root has Roboflow's export files and not COCO's, else "coco" (the default)."""
+    coco, roboflow = LAYOUTS["coco"]["train"][1], LAYOUTS["roboflow"]["train"][1]
+    return "roboflow" if not (root / coco).exists() and (root / roboflow).exists() else "coco"
+
+
+def split_paths(image_set: str, args):
+    """(image folder, annotation file) of a split: --{split}_images and --{split}_annotations when given (relative
+    to --coco_path), else the layout's; an annotation file named alone has its images next to it unless the layout's
+    folder exists."""
+    root = Path(getattr(args, "coco_path", None) or ".")
+    layout = LAYOUTS[detect_layout(root)][image_set]
+    given_images = getattr(args, f"{image_set}_images", None)
+    given_ann = getattr(args, f"{image_set}_annotations", None)
+    ann_file = root / (given_ann or layout[1])
+    if given_images:
+        img_folder = root / given_images
+    elif given_ann and not (root / layout[0]).is_dir():
+        img_folder = ann_file.parent
+    else:
+        img_folder = root / layout[0]
+    return img_folder, ann_file
+
+
 def build(image_set: str, args):
-    """The train or val split of the COCO-layout dataset at args.coco_path."""
-    root = Path(args.coco_path)
-    paths = {
-        "train": (root / "train2017", root / "annotations" / "instances_train2017.json"),
-        "val": (root / "val2017", root / "annotations" / "instances_val2017.json"),
-    }
-    img_folder, ann_file = paths[image_set]
+    """The train or val split of the dataset at args.coco_path (COCO or Roboflow layout, or the files named by
+    --{train,val}_{images,annotations})."""
+    img_folder, ann_file = split_paths(image_set, args)
     for path in (img_folder, ann_file):
         if not path.exists():
-            raise DataError(f"{path}: not found; expected the COCO layout {root}/train2017, {root}/val2017 and "
-                            f"{root}/annotations/instances_{{train,val}}2017.json")
-    transforms = make_coco_transforms(image_set, getattr(args, "min_size", 800), getattr(args, "max_size", 1333))
+            raise DataError(f"{path}: not found; expected the COCO layout (train2017/, val2017/, "
+                            "annotations/instances_{train,val}2017.json) or Roboflow's (train/, valid/, each with "
+                            f"_annotations.coco.json) under --coco_path, or name the files with "
+                            f"--{image_set}_annotations and --{image_set}_images")
+    transforms = make_coco_transforms(image_set, getattr(args, "min_size", 800), getattr(args, "max_size", 1333),
+                                      getattr(args, "augment", "paper"))
     return CocoDetection(img_folder, ann_file, transforms=transforms,
                          skip_bad_images=getattr(args, "bad_images", "stop") == "skip")

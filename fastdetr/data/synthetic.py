@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from ..progress import Progress
+
 CATEGORIES = [
     {"id": 1, "name": "rectangle", "supercategory": "shape"},
     {"id": 2, "name": "ellipse", "supercategory": "shape"},
@@ -151,11 +153,15 @@ def make_image(seed: int, split: str, index: int, size_range=(200, 320), max_obj
     return render_scene(rng, width, height, max_objects)
 
 
-def write_split(root: Path, split: str, num_images: int, seed: int, size_range=(200, 320), max_objects=3) -> dict:
-    """Write the images of `split` into root/split and return its COCO annotation dict."""
+def write_split(root: Path, split: str, num_images: int, seed: int, size_range=(200, 320), max_objects=3,
+                progress=None) -> dict:
+    """Write the images of `split` into root/split and return its COCO annotation dict; `progress.update()` is
+    called after each image."""
     (root / split).mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(num_images):
+        if progress is not None:
+            progress.update()
         image, instance_map, objects = make_image(seed, split, index, size_range, max_objects)
         width, height = image.size
         image_id = index + 1
@@ -179,8 +185,10 @@ def write_split(root: Path, split: str, num_images: int, seed: int, size_range=(
 
 
 def make_synthetic_coco(root, num_train: int = 2000, num_val: int = 200, seed: int = 0,
-                        size_range=(200, 320), max_objects: int = 3) -> Path:
+                        size_range=(200, 320), max_objects: int = 3, progress: bool = False) -> Path:
     """Create the dataset in `root` unless a complete one made with the same settings is there; returns root.
+    Image sides are drawn in `size_range` (equal bounds: square images of that side). `progress`: a bar in a
+    terminal, lines elsewhere (fastdetr.progress).
 
     The files are written into a temporary sibling folder renamed to `root` at the end, so an interrupted run
     leaves no half-written dataset behind and concurrent callers (e.g. DDP ranks) are safe.
@@ -192,10 +200,11 @@ def make_synthetic_coco(root, num_train: int = 2000, num_val: int = 200, seed: i
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return root
     tmp = root.with_name(f".{root.name}.tmp-{uuid.uuid4().hex[:8]}")
+    bar = Progress(num_train + num_val, "Generating the synthetic dataset", unit="img") if progress else None
     try:
         (tmp / "annotations").mkdir(parents=True)
         for split, num in (("train2017", num_train), ("val2017", num_val)):
-            coco = write_split(tmp, split, num, seed, size_range, max_objects)
+            coco = write_split(tmp, split, num, seed, size_range, max_objects, bar)
             (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
         (tmp / "synthetic.json").write_text(json.dumps(settings))
         if marker.is_file():  # made with other settings: replace it
@@ -206,5 +215,7 @@ def make_synthetic_coco(root, num_train: int = 2000, num_val: int = 200, seed: i
             if not (marker.is_file() and json.loads(marker.read_text()) == settings):
                 raise  # someone else won the race with the same data otherwise
     finally:
+        if bar is not None:
+            bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return root

@@ -124,9 +124,19 @@ class Normalize:
         return image, target
 
 
-def make_coco_transforms(image_set: str, min_size: int = 800, max_size: int = 1333):
+AUGMENTATIONS = ("paper", "flip")
+
+
+def make_coco_transforms(image_set: str, min_size: int = 800, max_size: int = 1333, augment: str = "paper"):
     """The paper's pipelines. At min_size=800 these are exactly the official ones; other sizes scale every length
-    (the 480..800 scales, the 400/500/600 resize and the 384..600 crop) by min_size / 800."""
+    (the 480..800 scales, the 400/500/600 resize and the 384..600 crop) by min_size / 800.
+
+    augment="flip" trains on flips only, at the evaluation scale: images of one size then batch without padding
+    (the synthetic preset, whose images are all min_size square)."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augment {augment!r}: expected one of {AUGMENTATIONS}")
+    if image_set == "train" and augment == "flip":
+        return v2.Compose([v2.RandomHorizontalFlip(), RandomResize([min_size], max_size=max_size), Normalize()])
     scale = min_size / 800
     scales = [round(s * scale) for s in range(480, 801, 32)]
     if image_set == "train":
