@@ -44,6 +44,10 @@ threshold keeps with probability threshold / 256 (p = 0.1: 230/256); kept values
 the inverse of that quantised keep probability, so expectations are exact (`rng.keep_scale`). The seed is an
 int64 device tensor drawn by the device's torch generator (`rng.draw_seed`): loaded by the kernels, never a
 compile-time specialisation, no host synchronisation, the CPU generator untouched.
+
+Binding. Eager calls go through a plain torch.autograd.Function (inference calls, with grad disabled, straight
+to the host function) whose kernels launch through `kernels.launch.LeanLauncher`; under torch.compile the same
+host functions run inside the triton_ops fastdetr::ffn_fwd / ffn_bwd, with the kernels wrapped by wrap_triton.
 """
 import functools
 from typing import Optional, Tuple
