@@ -79,19 +79,26 @@ def _representative_mask(batch: int) -> torch.Tensor:
     return masks[len(masks) // 2]
 
 
-def _launch_args(fn, cfg, lq: int, lk: int, batch: int, masked: bool, dropout: bool):
-    """Arguments as the host functions pass them: bf16 permuted [L, B, H, D] views, mask stride lk."""
-    seq_first = (batch * HEADS * HEAD_DIM, HEAD_DIM, HEADS * HEAD_DIM, 1)  # strides of [L, B, H, D] as b, h, l, d
-    strides = {"q": seq_first, "k": seq_first, "v": seq_first, "o": seq_first, "do": seq_first, "dq": seq_first,
-               "dk": seq_first, "dv": seq_first, "m": (lk, None, 1, None)}
-    scalars = {"H": HEADS, "Lq": lq, "Lk": lk, "scale": HEAD_DIM ** -0.5, "threshold": 230, "dropout_scale": 256 / 230,
-               "HEAD_DIM": HEAD_DIM, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HAS_MASK": masked,
-               "HAS_DROPOUT": dropout, "DOT_PRECISION": "ieee"}
+POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def launch_args(fn, cfg, *, batch: int, heads: int, lq: int, lk: int, head_dim: int = HEAD_DIM,
+                dtype: torch.dtype = torch.bfloat16, precision: str = "ieee", masked: bool = True,
+                dropout: bool = True):
+    """Arguments of an attention kernel as the host functions pass them (aot_utils.compile_like_launch's
+    format): DETR's permuted [L, B, H, D] views, a [B, Lk] mask, dropout 0.1's threshold and scale."""
+    # strides of [L, B, H, D] viewed as [B, H, L, D], and of the mask [B, Lk], by the dims of stride_<tensor><dim>
+    seq_first = {"b": heads * head_dim, "h": head_dim, "m": batch * heads * head_dim, "n": batch * heads * head_dim,
+                 "d": 1}
+    mask = {"b": lk, "n": 1}
+    scalars = {"H": heads, "Lq": lq, "Lk": lk, "scale": head_dim ** -0.5, "threshold": 230,
+               "dropout_scale": 256 / 230, "HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+               "HAS_MASK": masked, "HAS_DROPOUT": dropout, "DOT_PRECISION": precision}
     args = {}
     for name in fn.arg_names:
         if name.startswith("stride_"):
             tensor, dim = name[len("stride_"):-1], name[-1]
-            args[name] = strides[tensor][{"b": 0, "h": 1, "m": 2, "n": 2, "d": 3}[dim]]
+            args[name] = mask[dim] if tensor == "m" else seq_first[dim]
         elif name == "Mask":
             args[name] = "*i1" if masked else None
         elif name == "Seed":
@@ -99,7 +106,7 @@ def _launch_args(fn, cfg, lq: int, lk: int, batch: int, masked: bool, dropout: b
         elif name in ("LSE", "Delta"):
             args[name] = "*fp32"
         elif name in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"):
-            args[name] = "*bf16"
+            args[name] = POINTER_TYPES[dtype]
         else:
             args[name] = scalars[name]
     return args
@@ -134,7 +141,8 @@ def _cases_for(shape: str, batch: int, lq: int, mask, dropout: bool, kernels) ->
         mma_kind = "wgmma" if min(cfg.block_m, cfg.block_n) >= 64 and cfg.num_warps % 4 == 0 else "mma"
         cases.append(KernelCase(
             "attention", f"{shape} B={batch} ({lq}x{lk})", kernel, fns[kernel],
-            _launch_args(fns[kernel], cfg, lq, lk, batch, mask is not None, dropout), cfg.num_warps, cfg.num_stages,
+            launch_args(fns[kernel], cfg, batch=batch, heads=HEADS, lq=lq, lk=lk, masked=mask is not None,
+                        dropout=dropout), cfg.num_warps, cfg.num_stages,
             ctas, iterations, flops, dram, "dropout 0.1" if dropout else "no dropout",
             f"{cfg.block_m}x{cfg.block_n}/{cfg.num_warps}w", mma_kind))
     return cases

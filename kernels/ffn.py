@@ -56,8 +56,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from ._compat import wrap_triton
 from .launch import LeanLauncher
 from .rng import draw_seed, keep_mask, keep_scale, keep_threshold, philox_keep
 

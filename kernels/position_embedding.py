@@ -21,8 +21,9 @@ from typing import List, Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from ._compat import wrap_triton
 from .launch import LeanLauncher
 
 # One tile shape for every map size: H, W, B and F are runtime ints, so a new image size never recompiles.

@@ -6,11 +6,15 @@ on, the variant with the most live registers; each must fit in shared memory, sp
 with "ieee") run its products on tensor cores: wgmma on sm_90 for tiles of 64 rows or more, mma.sync below.
 """
 import itertools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from aot_utils import assert_no_spills, assert_shared_fits, assert_tensor_cores, submit_report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from static_attention import launch_args  # noqa: E402
 from fastdetr.kernels.attention import (HEAD_DIMS, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd,
                                         attention_config_candidates)
 from fastdetr.kernels.rng import KEEP_MASK_BLOCK, _keep_mask_kernel
@@ -21,43 +25,15 @@ KERNELS = {"fwd": _attn_fwd, "bwd_dq": _attn_bwd_dq, "bwd_dkdv": _attn_bwd_dkdv}
 # (dtype, fp32 dot precision) pairs as launched: the precision only matters for fp32.
 PRECISIONS = {"fp16": (torch.float16, "ieee"), "bf16": (torch.bfloat16, "ieee"),
               "fp32-ieee": (torch.float32, "ieee"), "fp32-tf32": (torch.float32, "tf32")}
-POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 CASES = [(kernel, precision, head_dim, cfg, cc)
          for kernel, precision, head_dim, cc in itertools.product(KERNELS, PRECISIONS, HEAD_DIMS, CCS)
          for cfg in attention_config_candidates(head_dim, *PRECISIONS[precision])[kernel]]
 
 
-def _strides(head_dim):
-    """Strides by the <tensor> of the kernels' stride_<tensor><dim> names, dims ordered b, h, m|n, d."""
-    seq_first = torch.empty(L, B, H, head_dim, device="meta").permute(1, 2, 0, 3).stride()
-    mask = torch.empty(B, L, dtype=torch.bool, device="meta").stride()
-    strides = {name: seq_first for name in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
-    strides["m"] = (mask[0], None, mask[1], None)
-    return strides
-
-
 def _launch_args(kernel, dtype, head_dim, cfg, precision):
     """Arguments as the host functions pass them for a DETR-shaped call with a mask and dropout."""
-    strides = _strides(head_dim)
-    scalars = {"H": H, "Lq": L, "Lk": L, "scale": head_dim ** -0.5, "threshold": 230, "dropout_scale": 256 / 230,
-               "HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HAS_MASK": True,
-               "HAS_DROPOUT": True, "DOT_PRECISION": precision}
-    args = {}
-    for name in kernel.arg_names:
-        if name.startswith("stride_"):
-            tensor, dim = name[len("stride_"):-1], name[-1]
-            args[name] = strides[tensor][{"b": 0, "h": 1, "m": 2, "n": 2, "d": 3}[dim]]
-        elif name == "Mask":
-            args[name] = "*i1"
-        elif name == "Seed":
-            args[name] = "*i64"
-        elif name in ("LSE", "Delta"):
-            args[name] = "*fp32"
-        elif name in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"):
-            args[name] = POINTER_TYPES[dtype]
-        else:
-            args[name] = scalars[name]
-    return args
+    return launch_args(kernel, cfg, batch=B, heads=H, lq=L, lk=L, head_dim=head_dim, dtype=dtype,
+                       precision=precision)
 
 
 @pytest.fixture(scope="module")

@@ -219,16 +219,6 @@ def test_wide_d_model_rejected():
         ffn(x, w1, b1, w2, b2, gamma, beta)
 
 
-def _wraps_interpreted_kernels() -> bool:
-    # torch 2.11 (not 2.14) rejects interpreted kernels in wrap_triton, the triton_ops' launcher (CUDA: always)
-    try:
-        torch.library.wrap_triton(ffn_module._linear1_kernel)
-    except RuntimeError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _wraps_interpreted_kernels(), reason="this torch's wrap_triton rejects interpreted kernels")
 def test_custom_op_path_matches_the_eager_binding():
     # torch.compile sees the FFN as the fastdetr::ffn_fwd / ffn_bwd triton_ops (the eager path skips their
     # dispatch): the ops pass torch's custom-op checks and give exactly what the eager binding gives. (The fake

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from fastdetr.kernels import position_embedding_sine
-from fastdetr.kernels.position_embedding import _position_embedding_sine_kernel
 from fastdetr.ops import position_embedding_sine_reference
 
 GOLDEN = Path(__file__).parent / "data" / "position_embedding_sine.pt"
@@ -102,16 +101,6 @@ def test_odd_num_pos_feats_rejected():
         position_embedding_sine(torch.zeros(1, 2, 2, dtype=torch.bool), 15)
 
 
-def _wraps_interpreted_kernels() -> bool:
-    # torch 2.11 (not 2.14) rejects interpreted kernels in wrap_triton, the triton_op's launcher (CUDA: always)
-    try:
-        torch.library.wrap_triton(_position_embedding_sine_kernel)
-    except RuntimeError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _wraps_interpreted_kernels(), reason="this torch's wrap_triton rejects interpreted kernels")
 def test_custom_op_path_matches_the_eager_launch():
     # torch.compile sees the fastdetr::position_embedding_sine triton_op; eager calls skip its dispatch.
     mask = _padded_mask([(6, 9), (4, 2)], 6, 9)
