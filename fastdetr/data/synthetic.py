@@ -28,8 +28,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
-
 from ..progress import Progress
 
 CATEGORIES = [
@@ -157,6 +155,8 @@ def write_split(root: Path, split: str, num_images: int, seed: int, size_range=(
                 progress=None) -> dict:
     """Write the images of `split` into root/split and return its COCO annotation dict; `progress.update()` is
     called after each image."""
+    from pycocotools import mask as mask_utils  # here: `import fastdetr` (the model, fastdetr.benchmark) needs none
+
     (root / split).mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(num_images):
