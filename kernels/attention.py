@@ -585,6 +585,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
     scale = D ** -0.5 if scale is None else float(scale)
     if torch.compiler.is_compiling():
         return attention_fwd(q, k, v, key_padding_mask, seed, dropout_p, scale, precision)[0]
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _forward(q, k, v, key_padding_mask, seed, dropout_p, scale, precision)[0]  # no autograd node
     return _Attention.apply(q, k, v, key_padding_mask, seed, dropout_p, scale, precision)
 
 

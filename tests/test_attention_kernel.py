@@ -318,3 +318,12 @@ def test_cuda_graph_replays_draw_fresh_dropout_masks():
     first = static_out.clone()
     graph.replay()
     assert not torch.equal(first, static_out)  # the seed is drawn inside the graph: a new mask per replay
+
+
+def test_inference_calls_record_no_autograd_node():
+    q, k, v = make_inputs(2, 2, 23, 40, 32, torch.float32, "seq_first")
+    mask = make_mask(2, 40, "tail")
+    with torch.no_grad():
+        out = attention(q, k, v, key_padding_mask=mask)
+    assert out.grad_fn is None
+    assert torch.equal(out, attention(q, k, v, key_padding_mask=mask).detach())
