@@ -35,9 +35,10 @@ every SM a program at this call's shape (decoder attention has few query tiles);
 under torch.compile or CUDA-graph capture, which take the static pick. Sequence lengths and the mask's batch
 stride are `do_not_specialize`, so a new image size compiles nothing.
 
-Binding: eager calls go through a plain torch.autograd.Function that launches the kernels directly (the least
-host work per call); under torch.compile the same host functions are the triton_ops `fastdetr::attention_fwd`
-and `fastdetr::attention_bwd`.
+Binding: eager calls go through a plain torch.autograd.Function (none at all without grad) whose host functions
+launch through kernels/launch.LeanLauncher (the compiled kernel reused without Triton's per-launch re-binding);
+under torch.compile the same host functions are the triton_ops `fastdetr::attention_fwd` and
+`fastdetr::attention_bwd`, their kernels wrapped by wrap_triton.
 """
 import os
 from typing import Dict, NamedTuple, Optional, Tuple
