@@ -66,7 +66,7 @@ class LeanLauncher:
                 (unspecialised if skip else specialised).append(i)
             elif kind not in (bool, float, type(None)):
                 return None
-        return ([operator.itemgetter(i) for i in tensors], _getter(specialised), unspecialised)
+        return _getter(tensors), _getter(specialised), _getter(unspecialised)
 
     def _key(self, args, kwargs):
         types = tuple(map(type, args))
@@ -75,11 +75,11 @@ class LeanLauncher:
             plan = self._plans[types] = self._plan(types)
         if plan is None:
             return None
-        tensor_getters, specialised, unspecialised = plan
-        tensors = [get(args) for get in tensor_getters]
-        return (types, tuple(t.dtype for t in tensors), tuple(t.data_ptr() % 16 == 0 for t in tensors),
-                specialised(args), tuple(-2**31 <= args[i] < 2**31 for i in unspecialised),
-                tuple(kwargs.items()), tensors[0].device.index if tensors else None)
+        tensors, specialised, unspecialised = plan
+        tensors = tensors(args)
+        return (types, tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]), specialised(args),
+                tuple([-2**31 <= value < 2**31 for value in unspecialised(args)]), tuple(kwargs.items()),
+                tensors[0].device.index if tensors else None)
 
     def __getitem__(self, grid: Tuple[int, ...]):
         return functools.partial(self.launch, grid)
@@ -96,5 +96,5 @@ class LeanLauncher:
             if compiled is not None and hasattr(compiled, "packed_metadata"):
                 self._compiled[key] = compiled
             return compiled
-        compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *(kwargs[name] for name in self._constexpr_names))
+        compiled[grid if len(grid) == 3 else (*grid, 1, 1)[:3]](*args, *[kwargs[name] for name in self._constexpr_names])
         return compiled
