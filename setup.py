@@ -19,7 +19,7 @@ setup(
     install_requires=[
         "torch>=2.6",  # torch.library.triton_op; CPU fused AdamW (2.4)
         "torchvision>=0.21",
-        "triton>=3.0; platform_system == 'Linux'",
+        "triton>=3.6; platform_system == 'Linux'",  # the kernels are compiled and tested on 3.6 and 3.8
         "pycocotools>=2.0",
         "scipy>=1.7",
         "numpy>=1.21",
