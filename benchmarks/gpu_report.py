@@ -1,5 +1,5 @@
-"""One command on a GPU machine: parity of every kernel, the end-to-end throughput and every benchmark, written up
-as a markdown report with a PNG chart.
+"""One command on a GPU machine: the kernel tests on the GPU, parity of every kernel, the end-to-end throughput and
+every benchmark, written up as a markdown report with a PNG chart.
 
     python benchmarks/gpu_report.py --out benchmarks/report       # about 10 minutes on an H100
 
@@ -31,10 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITES = ("attention", "position_embedding", "ffn", "layers", "transformer")  # in the order they run
 OPS = ("attention", "position_embedding", "ffn", "encoder_layer", "decoder_layer", "transformer")
 IMPLS = ("triton", "reference", "sdpa", "compile")
-STAGES = ("parity", "e2e", "benchmarks")
+STAGES = ("tests", "parity", "e2e", "benchmarks")
+# The kernel tests run for real on CUDA (bf16 included, dropout's forward/backward agreement, CUDA-graph replays,
+# torch.compile, the lean launcher and the autotuner); on a CPU they are the CI's, in Triton's interpreter.
+KERNEL_TESTS = ("tests/test_rng.py", "tests/test_attention_kernel.py", "tests/test_ffn_kernel.py",
+                "tests/test_position_embedding_kernel.py", "tests/test_kernels_in_model.py")
 E2E_CPU_ARGS = ["--device", "cpu", "--backbone", "resnet18", "--image-size", "256", "--batch-size", "2",
                 "--steps", "2"]
-PARITY_TIMEOUT_S, E2E_TIMEOUT_S = 240, 180
+TESTS_TIMEOUT_S, PARITY_TIMEOUT_S, E2E_TIMEOUT_S = 240, 240, 180
 
 # (goal, issue, group, faster implementation, slower implementation, at least this speedup)
 GOALS = (
@@ -110,6 +114,14 @@ def run_stages(args: argparse.Namespace, out: Path) -> dict:
     end = time.time() + args.budget_s
     stages: List[Stage] = []
     results: dict = {"parity": [], "parity_skipped": None, "e2e": None, "benchmarks": [], "outcomes": []}
+
+    if "tests" in args.stages and not args.cpu:
+        junit_path = raw / "kernel-tests.xml"
+        stage = Stage("kernel tests", [python, "-m", "pytest", *KERNEL_TESTS, "-q", "-p", "no:cacheprovider",
+                                       "--junitxml", str(junit_path)],
+                      logs / "kernel-tests.log", min(TESTS_TIMEOUT_S, end - time.time())).wait()
+        stages.append(stage)
+        results["outcomes"] += [{"suite": "kernel tests", **o} for o in _junit_outcomes(junit_path)]
 
     if "parity" in args.stages:
         if args.cpu:
