@@ -63,7 +63,8 @@ def padding_notes(batches: int = 500, seed: int = 0) -> List[str]:
     rng = random.Random(seed)
     lines = ["Key blocks skipped on COCO-like batches (64-key blocks; kernels skip every block past a sample's last "
              f"valid key; {batches} random batches each):", "",
-             "| batch | tokens (mean) | padded keys | blocks with no valid key | blocks skipped |", "|---|---|---|---|---|"]
+             "| batch | tokens (mean) | padded keys | blocks with no valid key | blocks skipped |",
+             "|---|---|---|---|---|"]
     for batch in BATCHES:
         masks = [coco_like_masks(batch, rng) for _ in range(batches)]
         stats = [block_stats(mask) + (mask.shape[1],) for mask in masks]

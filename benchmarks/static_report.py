@@ -48,7 +48,8 @@ def _kernel_table(cases) -> list:
 
 def _dropout_ratio_table(cases) -> list:
     """Main-loop SASS with dropout over without, per kernel and tile, from the cases' own configs."""
-    seen, lines = set(), ["| kernel | tile | SASS/iter without dropout | with dropout | ratio |", "|---|---|---|---|---|"]
+    seen = set()
+    lines = ["| kernel | tile | SASS/iter without dropout | with dropout | ratio |", "|---|---|---|---|---|"]
     for case in cases:
         if case.variant != "dropout 0.1" or (case.fn, case.tile) in seen:
             continue

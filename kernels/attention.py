@@ -418,6 +418,7 @@ def choose_config(kernel: str, candidates: Tuple[KernelConfig, ...], key: tuple,
 # The eager path's launchers; torch.compile's triton_ops pass wrap_triton instead.
 _LEAN = {kernel: LeanLauncher(kernel) for kernel in (_attn_fwd, _attn_bwd_dq, _attn_bwd_dkdv)}
 
+
 def _mask_args(key_padding_mask: Optional[Tensor]) -> Tuple[Optional[Tensor], int, int]:
     if key_padding_mask is None:
         return None, 0, 0

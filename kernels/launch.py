@@ -1,18 +1,18 @@
 """Launching compiled Triton kernels with the least host work per call.
 
 `JITFunction.__getitem__(grid)(...)` re-derives on every call what a kernel was specialised on (argument types,
-pointer alignment, integer values), builds a cache key, re-checks every global the kernel reads and prepares
-launch metadata: ~20-40 us of Python per launch on a server CPU, more than a decoder-sized attention kernel
-runs on the GPU. `LeanLauncher` keeps the `CompiledKernel` that the first such call returns under a key that
-distinguishes at least everything Triton specialises on, and later launches it directly through
-`CompiledKernel[grid](*args)`, Triton's API for launching a compiled kernel.
+pointer alignment, integer values), builds a cache key, re-checks every global the kernel reads and prepares launch
+metadata: ~20-40 us of Python per launch on a server CPU, more than a decoder-sized attention kernel runs on the
+GPU. `LeanLauncher` keeps the `CompiledKernel` that the first such call returns under a key that distinguishes at
+least everything Triton specialises on, and later launches it directly through `CompiledKernel[grid](*args)`,
+Triton's API for launching a compiled kernel.
 
 The key is deliberately finer than Triton's rule, so a cached kernel is never reused where Triton would have
 compiled another: each tensor's dtype and 16-byte alignment, the exact value of every integer the kernel may
-specialise on (only the 32/64-bit range for integers in `do_not_specialize`), the argument types, the
-constexprs (in the order given), num_warps, num_stages and the device. Launch hooks (profilers) still run: CompiledKernel[grid] calls them as
-JITFunction does. The interpreter, argument types the key does not cover, and torch.compile's wrap_triton take
-Triton's own path.
+specialise on (only the 32/64-bit range for integers in `do_not_specialize`), the argument types, the constexprs (in
+the order given), num_warps, num_stages and the device. Launch hooks (profilers) still run: CompiledKernel[grid]
+calls them as JITFunction does. The interpreter, argument types the key does not cover, and torch.compile's
+wrap_triton take Triton's own path.
 """
 import functools
 import operator
@@ -96,5 +96,6 @@ class LeanLauncher:
             if compiled is not None and hasattr(compiled, "packed_metadata"):
                 self._compiled[key] = compiled
             return compiled
-        compiled[grid if len(grid) == 3 else (*grid, 1, 1)[:3]](*args, *[kwargs[name] for name in self._constexpr_names])
+        grid = grid if len(grid) == 3 else (*grid, 1, 1)[:3]
+        compiled[grid](*args, *[kwargs[name] for name in self._constexpr_names])
         return compiled

@@ -42,7 +42,8 @@ with sm.stub_launches():
         attention.attention(view, view, view)
     cached = len(lean._compiled)
     attention.attention(misaligned, misaligned, misaligned)
-print(json.dumps({"new_kernels": cached - cached_before, "cached_after": len(lean._compiled) - cached,"with": with_dropout.loop.__dict__, "without": without.loop.__dict__,
+print(json.dumps({"new_kernels": cached - cached_before, "cached_after": len(lean._compiled) - cached,
+                  "with": with_dropout.loop.__dict__, "without": without.loop.__dict__,
                   "spill": with_dropout.spill_bytes, "ctas": case.ctas, "launches": launches,
                   "estimate": sm.estimate(case, with_dropout).us,
                   "driver_restored": triton.runtime.driver._active is before}))
