@@ -26,7 +26,12 @@ setup(
         "tqdm>=4.60",  # progress bars
         "matplotlib>=3.5",  # fastdetr-plot; its DejaVu Sans font draws predict's labels
     ],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.2",
+                 "transformers>=5.0", "timm>=0.9"],
+        "export": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.2"],  # torch.onnx's dynamo exporter
+        "hf": ["safetensors>=0.4", "transformers>=5.0", "timm>=0.9"],  # fastdetr.hf reads with safetensors alone
+    },
     entry_points={"console_scripts": ["fastdetr-train=fastdetr.train:main", "fastdetr-predict=fastdetr.predict:main",
                                       "fastdetr-plot=fastdetr.plot:main"]},
 )
