@@ -131,7 +131,12 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping, name
 
 
 def _non_finite(state_dict: Mapping) -> list:
-    return [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    floats = [(k, v) for k, v in state_dict.items() if v.is_floating_point()]
+    if not floats:
+        return []
+    # one device-to-host read for the whole model, not one per tensor
+    finite = torch.stack([torch.isfinite(v).all().to(floats[0][1].device) for _, v in floats]).tolist()
+    return [k for (k, _), ok in zip(floats, finite) if not ok]
 
 
 def save_checkpoint(checkpoint: Mapping, path: Union[str, os.PathLike]):
