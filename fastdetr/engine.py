@@ -9,7 +9,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from .misc import get_world_size, is_dist_avail_and_initialized, is_main_process
+from .data.transforms import normalize_batch
+from .misc import NestedTensor, get_world_size, is_dist_avail_and_initialized, is_main_process
 from .progress import Progress, RunClock
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,6 +60,13 @@ class _Meter:
 
 def _format(values, count):
     return "  ".join(f"{k}: {values[k] / count:.4f}" for k in SHOWN if k in values)
+
+
+def to_device(samples: NestedTensor, device: torch.device) -> NestedTensor:
+    """A loader's batch on `device`, as the model takes it: a uint8 batch (collate_uint8) is moved as bytes and
+    normalised there, a float one (collate_fn) is taken as normalised."""
+    samples = samples.to(device, non_blocking=True)
+    return samples if samples.tensors.is_floating_point() else normalize_batch(samples)
 
 
 def _no_span(name):
@@ -114,7 +122,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     bar = Progress(num_iters, f"Epoch {epoch}{of}", leave=False)
     for i, (samples, targets) in enumerate(data_loader):
         data_time += time.perf_counter() - end
-        samples = samples.to(device, non_blocking=True)
+        samples = to_device(samples, device)
         if device.type == "cuda":
             samples.tensors = samples.tensors.contiguous(memory_format=torch.channels_last)
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
@@ -209,7 +217,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, amp
     bar = Progress(len(data_loader), "Test", leave=False)
     for i, (samples, targets) in enumerate(data_loader):
         image_ids = [int(t["image_id"]) for t in targets]
-        samples = samples.to(device, non_blocking=True)
+        samples = to_device(samples, device)
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             outputs = model(samples)

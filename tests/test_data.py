@@ -7,13 +7,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
-from fastdetr.data import DataError, build_dataset, collate_fn, make_synthetic_coco
-from fastdetr.data.coco import ConvertCocoPolysToMask
+from fastdetr.data import DataError, build_dataset, collate_fn, collate_uint8, make_synthetic_coco
+from fastdetr.data.coco import ConvertCocoPolysToMask, _decode, load_image, to_rgb
 from fastdetr.data.synthetic import make_image, render_scene
-from fastdetr.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomResize, crop, get_size,
-                                      make_coco_transforms, resize)
+from fastdetr.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Normalize, RandomResize, ToUint8, crop, get_size,
+                                      make_coco_transforms, normalize, normalize_batch, resize)
+from fastdetr.engine import to_device
+from fastdetr.misc import nested_tensor_from_tensor_list
 
 PALETTE = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255)], dtype=np.float32)
 
@@ -195,13 +199,14 @@ def test_image_modes_become_rgb(tmp_path):
     names = ["gray.jpg", "cmyk.jpg", "rgba.png", "palette.png"]
     args = write_coco(tmp_path, [{"id": i + 1, "file_name": n} for i, n in enumerate(names)], [])
     dataset = raw_dataset(args)
-    images = [dataset[i][0] for i in range(4)]
-    assert all(im.mode == "RGB" and im.size == (40, 30) for im in images)
-    assert np.allclose(np.asarray(images[0]), 128, atol=2)
-    assert np.asarray(images[1])[..., 0].mean() > 200 and np.asarray(images[1])[..., 1:].mean() < 60
+    images = [dataset[i][0] for i in range(4)]  # uint8 RGB tensors [3, H, W]
+    assert all(im.dtype == torch.uint8 and im.shape == (3, 30, 40) for im in images)
+    images = [im.permute(1, 2, 0).numpy() for im in images]
+    assert np.allclose(images[0], 128, atol=2)
+    assert images[1][..., 0].mean() > 200 and images[1][..., 1:].mean() < 60
     for im, right in ((images[2], (255, 0, 0)), (images[3], (0, 0, 255))):
-        assert (np.asarray(im)[:, :20] == 255).all(), "transparent pixels are composited over white"
-        assert (np.asarray(im)[:, 20:] == right).all()
+        assert (im[:, :20] == 255).all(), "transparent pixels are composited over white"
+        assert (im[:, 20:] == right).all()
 
 
 def test_degenerate_crowd_and_empty_annotations(tmp_path):
@@ -264,3 +269,76 @@ def test_annotation_file_that_is_not_coco(tmp_path, content, problem):
 def test_missing_layout_names_the_path(tmp_path):
     with pytest.raises(DataError, match="val2017: not found"):
         build_dataset("val", argparse.Namespace(coco_path=str(tmp_path)))
+
+
+# ---- decoding and the uint8 pipeline ----------------------------------------------------------------------------
+
+def photo_like(height, width, seed=0):
+    """Smooth colour fields with noise: JPEG-compressed like a photo, unlike flat test shapes."""
+    rng = np.random.default_rng(seed)
+    low = Image.fromarray(rng.integers(0, 256, (height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8))
+    pixels = np.asarray(low.resize((width, height), Image.BICUBIC), np.float32) + rng.normal(0, 10, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_decoding_gives_pils_pixels(tmp_path):
+    photo = photo_like(30, 44)
+    files = {  # name: decoded by torchvision (else by PIL and to_rgb)
+        "rgb.jpg": (photo, {}, True), "gray.jpg": (photo.convert("L"), {}, True),
+        "progressive.jpg": (photo, {"progressive": True, "subsampling": 0}, True),
+        "rgb.png": (photo, {}, True), "gray.png": (photo.convert("L"), {}, True),
+        "cmyk.jpg": (photo.convert("CMYK"), {}, False), "rgba.png": (photo.convert("RGBA"), {}, False),
+        "palette.png": (photo.convert("P"), {"transparency": 3}, False),
+        "gray_key.png": (photo.convert("L"), {"transparency": 40}, False),
+        "bits.png": (photo.convert("1"), {}, False),
+        "sixteen.png": (Image.fromarray(np.asarray(photo.convert("L"), np.uint16) * 257), {}, False),
+    }
+    for name, (image, options, fast) in files.items():
+        image.save(tmp_path / name, **options)
+        with Image.open(tmp_path / name) as opened:
+            assert (_decode((tmp_path / name).read_bytes(), opened) is not None) == fast, name
+            expected = torch.from_numpy(np.array(to_rgb(opened))).permute(2, 0, 1)
+        pixels = load_image(tmp_path / name)
+        assert isinstance(pixels, tv_tensors.Image) and pixels.dtype == torch.uint8, name
+        assert torch.equal(pixels.as_subclass(torch.Tensor), expected), name
+    data = (tmp_path / "rgb.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="truncated.png: cannot decode the image, truncated or corrupt"):
+        load_image(tmp_path / "truncated.png")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_uint8_pipeline_matches_pil_pipeline(split):
+    """The same draws on a uint8 tensor and on a PIL image: the same sizes, boxes and crops; pixels within the
+    rounding of the two bilinear resizes."""
+    image, target = photo_like(240, 300, seed=5), instance_scene(5)[1]  # the scene's boxes on a photo's pixels
+    for seed in range(8):
+        outputs = []
+        for pixels, normalized in ((image, True), (tv_tensors.Image(F.pil_to_tensor(image)), False)):
+            random.seed(seed)
+            torch.manual_seed(seed)
+            outputs.append(make_coco_transforms(split, 256, 420, normalized=normalized)(pixels, target))
+        (pil, pil_target), (uint8, uint8_target) = outputs
+        assert uint8.dtype == torch.uint8 and uint8.shape == pil.shape
+        assert pil_target.keys() == uint8_target.keys()
+        for key in pil_target:
+            assert torch.equal(pil_target[key], uint8_target[key]), key
+        std = torch.tensor(IMAGENET_STD)[:, None, None]
+        difference = (normalize(uint8) - pil) * std * 255  # in pixel levels
+        assert difference.abs().max() < 1 + 1e-3 and (difference.abs() > 0.5).float().mean() < 0.02
+
+
+def test_uint8_batches_are_normalised_as_before():
+    a = tv_tensors.Image(torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8))
+    b = tv_tensors.Image(torch.randint(0, 256, (3, 25, 10), dtype=torch.uint8))
+    target = {"boxes": tv_tensors.BoundingBoxes([[1.0, 2.0, 5.0, 9.0]], format="XYXY", canvas_size=(20, 30))}
+    finish = ToUint8()
+    batch = [finish(a, target), finish(b, target)]
+    # as the images were before, normalised one by one and then zero-padded
+    before = nested_tensor_from_tensor_list([Normalize()(image)[0] for image in (a, b)])
+    uint8, _ = collate_uint8(batch)
+    assert uint8.tensors.dtype == torch.uint8
+    for samples in (collate_fn(batch)[0], to_device(uint8, torch.device("cpu")), normalize_batch(uint8)):
+        assert torch.equal(samples.tensors, before.tensors) and torch.equal(samples.mask, before.mask)
+        assert samples.tensors[0, :, 20:].abs().sum() == 0 and samples.tensors[1, :, :, 10:].abs().sum() == 0
+    torch.testing.assert_close(batch[0][1]["boxes"], torch.tensor([[3 / 30, 5.5 / 20, 4 / 30, 7 / 20]]))

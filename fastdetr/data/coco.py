@@ -1,5 +1,9 @@
 """COCO detection in the official layout, on top of torchvision.datasets.CocoDetection.
 
+Images are decoded into uint8 RGB tensors [3, H, W]: plain JPEGs and PNGs (RGB or 8-bit grayscale, no transparency)
+by torchvision.io, the same pixels as PIL's (libjpeg-turbo either way) in less time; every other file by PIL and
+`to_rgb`, which also names the problem of a file that cannot be read.
+
 Bad data is handled as follows; everything else raises `DataError` naming the file and the problem:
 
 - an image file that is missing, truncated, not an image or over PIL's decompression-bomb limit: `DataError` naming
@@ -19,6 +23,7 @@ Bad data is handled as follows; everything else raises `DataError` naming the fi
 import contextlib
 import io
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -27,8 +32,10 @@ import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as F
 
-from .transforms import make_coco_transforms
+from .transforms import make_coco_transforms, pixels_last
 
 
 class DataError(RuntimeError):
@@ -53,6 +60,46 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image).convert("RGB")
     return image.convert("RGB")
+
+
+# (format, mode) as PIL reads them from the header that torchvision decodes to the pixels PIL's to_rgb gives.
+_TORCHVISION_DECODES = {("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "L")}
+
+
+def _decode(data: bytes, image: Image.Image):
+    """torchvision's uint8 RGB pixels [3, H, W] of a plain JPEG or PNG `data` whose header PIL read as `image`;
+    None when torchvision cannot decode it as PIL would (then PIL decodes it, or names the problem)."""
+    if (image.format, image.mode) not in _TORCHVISION_DECODES or "transparency" in image.info:
+        return None
+    with warnings.catch_warnings():
+        # torchvision 0.29 points to torchcodec for image decoding; torchvision.io still does it, and is installed
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+        try:
+            pixels = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:  # truncated or corrupt
+            return None
+    # 16-bit PNGs decode to uint16: PIL's conversion is the reference for them
+    if pixels.dtype != torch.uint8 or tuple(pixels.shape) != (3, image.height, image.width):
+        return None
+    return pixels
+
+
+def load_image(path: Path) -> tv_tensors.Image:
+    """The uint8 RGB pixels [3, H, W] of an image file; DataError naming the file when it cannot be read."""
+    if not path.is_file():
+        raise DataError(f"{path}: image file missing")
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only (and refuses decompression bombs)
+            pixels = _decode(data, image)
+            if pixels is None:
+                image.load()
+                pixels = F.pil_to_tensor(to_rgb(image))
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: refused as a possible decompression bomb ({e})") from None
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot decode the image, truncated or corrupt ({e})") from None
+    return pixels_last(tv_tensors.Image(pixels))
 
 
 def _validate_coco(dataset, ann_file) -> None:
@@ -116,18 +163,11 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         names = {c["id"]: c.get("name", str(c["id"])) for c in categories}
         self.class_names = [names.get(i, "N/A") for i in range(self.num_classes)]
 
-    def _load_image(self, id: int) -> Image.Image:
+    def _load_image(self, id: int) -> tv_tensors.Image:
         path = Path(self.root) / self.coco.loadImgs(id)[0]["file_name"]
         if not path.is_file():
             raise DataError(f"{path}: image file missing (image id {id} in {self.ann_file})")
-        try:
-            with Image.open(path) as image:
-                image.load()
-                return to_rgb(image)
-        except Image.DecompressionBombError as e:
-            raise DataError(f"{path}: refused as a possible decompression bomb ({e})") from None
-        except (OSError, UnidentifiedImageError, SyntaxError) as e:
-            raise DataError(f"{path}: cannot decode the image, truncated or corrupt ({e})") from None
+        return load_image(path)
 
     def _readable(self, idx):
         """(image id, image) of idx, or with skip_bad_images of the next readable image after it."""
@@ -159,7 +199,7 @@ class ConvertCocoPolysToMask:
     """
 
     def __call__(self, image, target):
-        w, h = image.size
+        h, w = F.get_size(image)
         anno = [obj for obj in target["annotations"] if obj.get("iscrowd", 0) == 0]
         boxes = torch.as_tensor([obj["bbox"] for obj in anno], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
@@ -225,7 +265,8 @@ def build(image_set: str, args):
                             "annotations/instances_{train,val}2017.json) or Roboflow's (train/, valid/, each with "
                             f"_annotations.coco.json) under --coco_path, or name the files with "
                             f"--{image_set}_annotations and --{image_set}_images")
+    # uint8 images: collate_uint8 pads them, the training loop normalises on the device (collate_fn on the host)
     transforms = make_coco_transforms(image_set, getattr(args, "min_size", 800), getattr(args, "max_size", 1333),
-                                      getattr(args, "augment", "paper"))
+                                      getattr(args, "augment", "paper"), normalized=False)
     return CocoDetection(img_folder, ann_file, transforms=transforms,
                          skip_bad_images=getattr(args, "bad_images", "stop") == "skip")

@@ -1,7 +1,8 @@
-"""The paper's augmentations on (PIL image, target) pairs, as in the official DETR datasets/transforms.py.
+"""The paper's augmentations on (image, target) pairs, as in the official DETR datasets/transforms.py.
 
-Flip, crop and box bookkeeping come from torchvision.transforms.v2 with ``tv_tensors.BoundingBoxes`` (xyxy, in
-pixels) in ``target["boxes"]``. Written here is only what v2 does differently from the official code:
+Images are uint8 ``tv_tensors.Image`` [3, H, W] (what fastdetr.data.coco decodes; PIL images work too). Flip, crop
+and box bookkeeping come from torchvision.transforms.v2 with ``tv_tensors.BoundingBoxes`` (xyxy, in pixels) in
+``target["boxes"]``. Written here is only what v2 does differently from the official code:
 
 - the output size of a resize: the official rule (`get_size`) first shrinks the requested short side so that the
   long side stays near ``max_size`` and rounds differently from ``v2.Resize(max_size=...)``, which resizes the long
@@ -10,6 +11,12 @@ pixels) in ``target["boxes"]``. Written here is only what v2 does differently fr
 - after a crop: drop boxes left with no area and set ``area`` to the clipped box area, as the official code does.
 
 `Normalize` ends the pipeline: image to a normalised float tensor, boxes to cxcywh in [0, 1] as plain tensors.
+`ToUint8` ends it with the same boxes but the image left as uint8 [3, H, W]: the training loop's loaders pad those
+(`collate_uint8`) and `normalize_batch` makes the very same floats on the device, a quarter of the bytes to move.
+
+On uint8 tensors the bilinear resize (antialiased) is torchvision's, 3-4x faster than PIL's; it rounds a few
+pixels differently (at most 1 of 255 on under 1 % of the values, measured in benchmarks/RESULTS.md); sizes, boxes
+and crops are the same.
 """
 import random
 
@@ -18,8 +25,19 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from ..misc import NestedTensor
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pixels_last(image):
+    """A uint8 image tensor [3, H, W] stored pixel by pixel (HWC, as decoded), else `image` itself: torch's
+    antialiased uint8 resize is fast on that layout only; a crop is a strided view that would be resized at half
+    speed."""
+    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8:
+        return image
+    return tv_tensors.wrap(image.unsqueeze(0).contiguous(memory_format=torch.channels_last)[0], like=image)
 
 
 def get_size(image_size, size, max_size=None):
@@ -41,8 +59,9 @@ def get_size(image_size, size, max_size=None):
 
 def resize(image, target, size, max_size=None):
     """Resize to short side `size` (long side about `max_size` at most), scaling boxes and areas."""
-    h, w = get_size(image.size, size, max_size)
-    ratio_w, ratio_h = w / image.width, h / image.height
+    height, width = F.get_size(image)
+    h, w = get_size((width, height), size, max_size)
+    ratio_w, ratio_h = w / width, h / height
     image = F.resize(image, [h, w])
     if target is None:
         return image, None
@@ -58,7 +77,7 @@ def resize(image, target, size, max_size=None):
 def crop(image, target, region):
     """Crop to `region` = (top, left, height, width); boxes are clipped, and those left empty are dropped."""
     top, left, height, width = region
-    image = F.crop(image, top, left, height, width)
+    image = pixels_last(F.crop(image, top, left, height, width))
     target = target.copy()
     target["size"] = torch.tensor([height, width])
     if "boxes" in target:
@@ -95,25 +114,22 @@ class RandomSizeCrop:
         self.max_size = max_size
 
     def __call__(self, image, target):
+        height, width = F.get_size(image)
         # an image side below min_size (a very elongated image) is kept whole
-        w = random.randint(min(self.min_size, image.width), min(image.width, self.max_size))
-        h = random.randint(min(self.min_size, image.height), min(image.height, self.max_size))
+        w = random.randint(min(self.min_size, width), min(width, self.max_size))
+        h = random.randint(min(self.min_size, height), min(height, self.max_size))
         # the draws of torchvision's RandomCrop.get_params
-        top = torch.randint(0, image.height - h + 1, size=(1,)).item()
-        left = torch.randint(0, image.width - w + 1, size=(1,)).item()
+        top = torch.randint(0, height - h + 1, size=(1,)).item()
+        left = torch.randint(0, width - w + 1, size=(1,)).item()
         return crop(image, target, (top, left, h, w))
 
 
-class Normalize:
-    """PIL image to a normalised float tensor; boxes to plain cxcywh tensors normalised by the image size."""
-
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.mean = mean
-        self.std = std
+class ToUint8:
+    """Image (PIL or tensor) to a plain uint8 tensor [3, H, W]; boxes to plain cxcywh tensors normalised by the
+    image size."""
 
     def __call__(self, image, target=None):
-        image = F.to_dtype(F.to_image(image), torch.float32, scale=True)
-        image = F.normalize(image, mean=self.mean, std=self.std).as_subclass(torch.Tensor)
+        image = F.to_image(image).as_subclass(torch.Tensor)
         if target is None:
             return image, None
         target = target.copy()
@@ -124,19 +140,47 @@ class Normalize:
         return image, target
 
 
+class Normalize(ToUint8):
+    """As ToUint8, then the image to floats in [0, 1] normalised by `mean` and `std` (per channel)."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.mean = mean
+        self.std = std
+
+    def __call__(self, image, target=None):
+        image, target = super().__call__(image, target)
+        return normalize(image, self.mean, self.std), target
+
+
+def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 images [..., 3, H, W] to floats in [0, 1] normalised per channel (the same operations for one image or
+    a batch, on any device, so the numbers are the same)."""
+    return F.normalize(F.to_dtype(images, torch.float32, scale=True), mean=mean, std=std)
+
+
+def normalize_batch(samples: NestedTensor) -> NestedTensor:
+    """A padded uint8 batch (collate_uint8) to the normalised float batch the model takes: the numbers Normalize
+    gives each image, and exactly 0 on the padding, as the official code pads after normalising."""
+    images = normalize(samples.tensors).masked_fill_(samples.mask.unsqueeze(1), 0)
+    return NestedTensor(images, samples.mask)
+
+
 AUGMENTATIONS = ("paper", "flip")
 
 
-def make_coco_transforms(image_set: str, min_size: int = 800, max_size: int = 1333, augment: str = "paper"):
+def make_coco_transforms(image_set: str, min_size: int = 800, max_size: int = 1333, augment: str = "paper",
+                         normalized: bool = True):
     """The paper's pipelines. At min_size=800 these are exactly the official ones; other sizes scale every length
-    (the 480..800 scales, the 400/500/600 resize and the 384..600 crop) by min_size / 800.
+    (the 480..800 scales, the 400/500/600 resize and the 384..600 crop) by min_size / 800. They end with Normalize,
+    or with `normalized=False` with ToUint8 (normalize_batch then makes the same floats, on the device).
 
     augment="flip" trains on flips only, at the evaluation scale: images of one size then batch without padding
     (the synthetic preset, whose images are all min_size square)."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augment {augment!r}: expected one of {AUGMENTATIONS}")
+    finish = Normalize() if normalized else ToUint8()
     if image_set == "train" and augment == "flip":
-        return v2.Compose([v2.RandomHorizontalFlip(), RandomResize([min_size], max_size=max_size), Normalize()])
+        return v2.Compose([v2.RandomHorizontalFlip(), RandomResize([min_size], max_size=max_size), finish])
     scale = min_size / 800
     scales = [round(s * scale) for s in range(480, 801, 32)]
     if image_set == "train":
@@ -150,8 +194,8 @@ def make_coco_transforms(image_set: str, min_size: int = 800, max_size: int = 13
                     RandomResize(scales, max_size=max_size),
                 ]),
             ]),
-            Normalize(),
+            finish,
         ])
     if image_set == "val":
-        return v2.Compose([RandomResize([min_size], max_size=max_size), Normalize()])
+        return v2.Compose([RandomResize([min_size], max_size=max_size), finish])
     raise ValueError(f"unknown image_set {image_set!r}: expected 'train' or 'val'")

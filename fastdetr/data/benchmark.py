@@ -1,0 +1,292 @@
+"""Images/s of one data loader worker: fastdetr's pipeline and the official DETR's, side by side on the same files.
+
+    python -m fastdetr.benchmark --data                       # fastdetr's pipeline alone
+    python -m fastdetr.benchmark --data --official            # and the official one (pip installs detr==0.1.4)
+    python -m fastdetr.benchmark --data --official detr-0.1.4-py3-none-any.whl   # from a local wheel
+
+The files are COCO-like photos made once into a cache folder: JPEGs (quality 90) of 640x480 and 1280x960, a third
+of them portrait, with 7 boxes each. Each pipeline reads them as a loader worker does (one process, one thread:
+DataLoader workers run torch with one), from the file to the padded batch the loop gets: decode, the paper's
+training augmentation (random flip, then either a resize of the shorter side to 480..800 or a resize to
+400/500/600, a random crop of 384..600 and that resize, the longer side at most 1333) or the validation resize
+(800, at most 1333), and the collate into a padded batch of 2:
+
+- fastdetr: torchvision.io decoding, transforms v2 on uint8 tensors, a uint8 batch (normalised on the device);
+- fastdetr, normalised on the host: the same, then collate_fn's normalisation: the float batch the official
+  loader gives;
+- official: PIL decoding and transforms, ToTensor and Normalize per image (detr==0.1.4's datasets/ and
+  util/misc.py collate_fn).
+
+The pipelines take turns over the same files in each round (the order alternating), with the same seed each
+round; the table gives the median over rounds and the median of the per-round ratios to the official pipeline.
+With --official the validation outputs of the two are also compared: sizes, boxes, and pixels (the two bilinear
+resizes round differently).
+"""
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import PIL
+import torch
+import torchvision
+from PIL import Image
+
+from . import collate_fn, collate_uint8
+from .coco import CocoDetection
+from .transforms import IMAGENET_STD, make_coco_transforms
+
+SIZES = ("640x480", "1280x960")  # COCO's most common size, and twice it
+OFFICIAL = "detr==0.1.4"
+_OFFICIAL_PACKAGES = ("datasets", "util", "models")  # its top-level names, which clash with other packages'
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FASTDETR_CACHE", Path.home() / ".cache" / "fastdetr"))
+
+
+def file_sizes(text: str) -> List[Tuple[int, int]]:
+    """(height, width) of the files of a --sizes entry "WxH", cycled: two landscape, one portrait."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--sizes {text}: expected WIDTHxHEIGHT, e.g. 640x480") from None
+    if width < 1 or height < 1:
+        raise SystemExit(f"--sizes {text}: width and height must be at least 1")
+    return [(height, width), (height, width), (width, height)]
+
+
+def photo(rng: np.random.Generator, height: int, width: int) -> Image.Image:
+    """Photo-like content: smooth colour regions, finer variation and sensor-like noise (a JPEG of 640x480 at
+    quality 90 takes about 130 kB, as COCO's do; flat synthetic shapes would compress to a tenth)."""
+    field = np.zeros((height, width, 3), np.float32)
+    for cell, amplitude in ((40, 1.0), (8, 0.25)):
+        low = rng.uniform(-128, 128, (height // cell + 2, width // cell + 2, 3)).astype(np.float32)
+        field += amplitude * np.stack([np.asarray(Image.fromarray(low[..., c], "F").resize((width, height),
+                                                                                           Image.BICUBIC))
+                                       for c in range(3)], -1)
+    field += rng.normal(0, 12, (height, width, 3))
+    return Image.fromarray(np.clip(field + 128, 0, 255).astype(np.uint8))
+
+
+def make_files(root: Path, sizes: Sequence[Tuple[int, int]], count: int, seed: int = 0) -> Path:
+    """`count` JPEGs cycling through `sizes` in root/val2017, with COCO annotations (7 boxes each) for them as
+    both splits; made once (root is kept as a cache)."""
+    done = root / "annotations" / "instances_train2017.json"
+    if done.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    (root / "val2017").mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    images, annotations = [], []
+    for index in range(count):
+        height, width = sizes[index % len(sizes)]
+        name = f"{index:012d}.jpg"
+        photo(rng, height, width).save(root / "val2017" / name, quality=90)
+        images.append({"id": index + 1, "file_name": name, "height": height, "width": width})
+        for _ in range(7):
+            w, h = rng.uniform(0.05, 0.6) * width, rng.uniform(0.05, 0.6) * height
+            x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": 1,
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+    coco = json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]})
+    (root / "annotations" / "instances_val2017.json").write_text(coco)
+    done.write_text(coco)  # last: a folder interrupted while being made is made again
+    return root
+
+
+def install_official(spec: str, cache: Path) -> Path:
+    """The official DETR (`spec`: a pip requirement or wheel) installed into its own folder, never into the
+    environment: its packages are named datasets, util and models."""
+    target = cache / "official-detr"
+    if not (target / "datasets" / "transforms.py").exists():
+        print(f"installing {spec} into {target} (--no-deps) ...", flush=True)
+        run = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                              spec], capture_output=True, text=True)
+        if run.returncode != 0:
+            raise SystemExit(f"--official {spec}: pip could not install it ({run.stderr.strip()[-400:]}); offline, "
+                             "pass the wheel's path: --official path/to/detr-0.1.4-py3-none-any.whl")
+    return target
+
+
+@contextlib.contextmanager
+def _official_imports(target: Path):
+    """Import from `target` with its packages first on the path; the modules imported are dropped from
+    sys.modules afterwards (the objects stay usable), so that another `datasets` or `util` is not shadowed."""
+    saved_path = list(sys.path)
+    saved = {n: sys.modules.pop(n) for n in list(sys.modules) if n.split(".")[0] in _OFFICIAL_PACKAGES}
+    version = torchvision.__version__
+    # util/misc.py tests float(torchvision.__version__[:3]) < 0.7, which reads "0.29.1" as 0.2 and then imports
+    # helpers torchvision no longer has; it is only read at import time
+    torchvision.__version__ = "0.7"
+    sys.path.insert(0, str(target))
+    try:
+        yield
+    finally:
+        torchvision.__version__ = version
+        sys.path[:] = saved_path
+        for name in [n for n in sys.modules if n.split(".")[0] in _OFFICIAL_PACKAGES]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def official_pipelines(target: Path, root: Path):
+    """{split: (dataset, collate)} of the official code, and its version."""
+    with _official_imports(target):
+        coco = importlib.import_module("datasets.coco")
+        misc = importlib.import_module("util.misc")
+    versions = sorted(p.name for p in target.glob("detr-*.dist-info"))
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while reading
+        pipelines = {split: (coco.CocoDetection(root / "val2017", root / "annotations" / "instances_val2017.json",
+                                                coco.make_coco_transforms(split), return_masks=False),
+                             misc.collate_fn) for split in ("train", "val")}
+    return pipelines, (versions[0].removesuffix(".dist-info") if versions else "detr (unknown version)")
+
+
+def fastdetr_pipelines(root: Path) -> Dict[str, Dict[str, tuple]]:
+    """{name: {split: (dataset, collate)}}: fastdetr's loader (uint8 batches) and the same normalised on the host."""
+    ann_file = root / "annotations" / "instances_val2017.json"
+    datasets = {split: CocoDetection(root / "val2017", ann_file, make_coco_transforms(split, normalized=False))
+                for split in ("train", "val")}
+    return {"fastdetr": {s: (d, collate_uint8) for s, d in datasets.items()},
+            "fastdetr, normalised on the host": {s: (d, collate_fn) for s, d in datasets.items()}}
+
+
+def load_all(dataset, collate: Callable, indices: Sequence[int], batch_size: int, seed: int) -> float:
+    """Seconds to load and collate `indices` in batches, as a worker does."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    for first in range(0, len(indices), batch_size):
+        collate([dataset[i] for i in indices[first:first + batch_size]])
+    return time.perf_counter() - start
+
+
+def measure(pipelines: Dict[str, tuple], indices: Sequence[int], batch_size: int, rounds: int) -> Dict[str, List]:
+    """{name: [images/s per round]}, the pipelines taking turns each round (order reversed every other round)."""
+    names = list(pipelines)
+    for name in names:  # warm-up: imports, allocator, first-call dispatch
+        load_all(*pipelines[name], indices[:batch_size], batch_size, seed=0)
+    rates = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            rates[name].append(len(indices) / load_all(*pipelines[name], indices, batch_size, seed=r))
+    return rates
+
+
+def compare_val(ours, official, indices: Sequence[int]) -> dict:
+    """The validation outputs of fastdetr (normalised as the device does) and the official code on the same
+    files: sizes equal, largest box difference, and the pixel difference in levels of 255."""
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    same_size, box_diff, pixel_max, differing, values = True, 0.0, 0.0, 0, 0
+    for i in indices:
+        (image, target), (theirs, their_target) = collate_fn([ours[i]]), official[i]
+        image = image.tensors[0]
+        same_size &= image.shape == theirs.shape and target[0]["size"].tolist() == their_target["size"].tolist()
+        if image.shape != theirs.shape:
+            continue
+        box_diff = max(box_diff, float((target[0]["boxes"] - their_target["boxes"]).abs().max()))
+        levels = ((image - theirs) * std * 255).abs()
+        pixel_max = max(pixel_max, float(levels.max()))
+        differing += int((levels > 0.5).sum())
+        values += levels.numel()
+    return {"same_sizes": bool(same_size), "max_box_difference": box_diff, "max_pixel_difference": pixel_max,
+            "differing_fraction": differing / max(values, 1)}
+
+
+def environment() -> dict:
+    from PIL import features
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
+            "libjpeg_turbo": features.version("libjpeg_turbo"),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def _median_ratio(rates: List[float], reference: List[float]) -> float:
+    return statistics.median(a / b for a, b in zip(rates, reference))
+
+
+def report(result: dict) -> str:
+    env, args = result["environment"], result["args"]
+    lines = [f"Data loader images/s per worker (1 process, 1 thread, batch {args['batch_size']}, {args['rounds']} "
+             f"rounds, median; the files are decoded anew each round)",
+             f"{env['cpu']}, {env['cores']} cores, load average {env['load_average'][0]:.2f} at the start, "
+             f"{result['load_average_end'][0]:.2f} at the end | torch {env['torch']} | torchvision "
+             f"{env['torchvision']} | Pillow {env['pillow']} (libjpeg-turbo {env['libjpeg_turbo']}) | "
+             f"{result.get('official_version') or 'official: not run (--official)'} | {env['date']}", ""]
+    header = f"{'files':<10} {'split':<6} {'pipeline':<33} {'images/s':>9} {'ms/image':>9} {'x official':>11}"
+    lines += [header, "-" * len(header)]
+    for row in result["rows"]:
+        ratio = f"{row['ratio']:.2f}" if row.get("ratio") is not None else "-"
+        lines.append(f"{row['files']:<10} {row['split']:<6} {row['pipeline']:<33} {row['images_per_s']:>9.1f} "
+                     f"{1e3 / row['images_per_s']:>9.1f} {ratio:>11}")
+    for files, parity in result.get("val_parity", {}).items():
+        lines.append(f"validation outputs, {files} files, fastdetr vs official: sizes "
+                     f"{'equal' if parity['same_sizes'] else 'DIFFERENT'}, boxes within "
+                     f"{parity['max_box_difference']:.1e}, pixels within {parity['max_pixel_difference']:.2f} of "
+                     f"255 ({parity['differing_fraction']:.3%} of the values differ)")
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("python -m fastdetr.benchmark --data", description=__doc__.split("\n")[0])
+    parser.add_argument("--official", nargs="?", const=OFFICIAL, metavar="SPEC",
+                        help=f"also run the official pipeline, installed with pip from SPEC (default {OFFICIAL}; a "
+                             "wheel path works offline) into the cache folder, not into the environment")
+    parser.add_argument("--images", type=int, default=16, help="files of each size read per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=2, help="images per collated batch (the recipe's 2)")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), metavar="WxH",
+                        help="file sizes, each measured apart (a third of its files portrait)")
+    parser.add_argument("--cache", type=Path, help="folder for the files and the official code "
+                                                   "(default $FASTDETR_CACHE, else ~/.cache/fastdetr)")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.images < 1 or args.rounds < 1 or args.batch_size < 1:
+        raise SystemExit("--images, --rounds and --batch-size must be at least 1")
+    cache = args.cache or cache_root()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    result = {"environment": environment(), "args": {k: str(v) if isinstance(v, Path) else v
+                                                     for k, v in vars(args).items()}, "rows": []}
+    official_target = install_official(args.official, cache) if args.official else None
+    for files in args.sizes:
+        root = make_files(cache / f"data-benchmark-{files.lower()}-{args.images}", file_sizes(files), args.images)
+        pipelines = fastdetr_pipelines(root)
+        if official_target is not None:
+            official, result["official_version"] = official_pipelines(official_target, root)
+            pipelines["official"] = official
+        indices = list(range(args.images))
+        for split in ("train", "val"):
+            rates = measure({name: p[split] for name, p in pipelines.items()}, indices, args.batch_size, args.rounds)
+            for name, per_round in rates.items():
+                result["rows"].append({
+                    "files": files, "split": split, "pipeline": name, "images_per_s": statistics.median(per_round),
+                    "per_round": per_round,
+                    "ratio": _median_ratio(per_round, rates["official"]) if "official" in rates else None})
+        if official_target is not None:
+            result.setdefault("val_parity", {})[files] = compare_val(pipelines["fastdetr"]["val"][0],
+                                                                     pipelines["official"]["val"][0], indices)
+    result["load_average_end"] = os.getloadavg()
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
