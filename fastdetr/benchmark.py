@@ -3,6 +3,7 @@
     python -m fastdetr.benchmark            # DETR-R50, COCO-like images (shorter side 800), batch 4, on CUDA
     python -m fastdetr.benchmark --device cpu --backbone resnet18 --image-size 256 --batch-size 2 --steps 2
     python -m fastdetr.benchmark --data --official   # the data pipeline instead (fastdetr/data/benchmark.py)
+    python -m fastdetr.benchmark --padding   # batch padding with and without aspect-ratio grouping instead
 
 For each configuration -- fastdetr's default (Triton kernels + bf16 autocast), the reference path in fp32 and the
 reference path with bf16 autocast -- it prints images/s and peak memory for training and for inference, where a
@@ -329,6 +330,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", action="store_true",
                         help="measure the data loading pipeline instead (images/s per loader worker, fastdetr vs the "
                              "official code); its flags: python -m fastdetr.benchmark --data --help")
+    parser.add_argument("--padding", action="store_true",
+                        help="measure the padded fraction of batches with and without aspect-ratio grouping instead "
+                             "(no model); its flags: python -m fastdetr.benchmark --padding --help")
     return parser
 
 
@@ -337,6 +341,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "--data" in argv:  # the data pipeline's benchmark, with flags of its own
         from .data.benchmark import main as data_main
         return data_main([a for a in argv if a != "--data"])
+    if "--padding" in argv:  # batch padding, with flags of its own
+        from .data.benchmark_padding import main as padding_main
+        return padding_main([a for a in argv if a != "--padding"])
     args = get_args_parser().parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.warmup < 0:
         raise SystemExit("--steps and --batch-size must be at least 1, --warmup at least 0")

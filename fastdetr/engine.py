@@ -9,6 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .data.batching import padding_counts
 from .data.transforms import normalize_batch
 from .misc import NestedTensor, get_world_size, is_dist_avail_and_initialized, is_main_process
 from .progress import Progress, RunClock
@@ -50,12 +51,17 @@ class _Meter:
             self.sums += values
         self.count += 1
 
-    def read(self):
-        """{key: sum over iterations and processes} on the host, and the number of terms summed."""
-        sums = self.sums.clone()
+    def read(self, extra=None):
+        """{key: sum over iterations and processes} on the host, and the number of terms summed; with `extra` (a
+        tensor [n] on the device) also its sum over processes as a list, read back in the same transfer."""
+        sums = self.sums.double()  # the float32 sums exactly; summed over processes in float64
+        if extra is not None:
+            sums = torch.cat([sums, extra.double()])
         if is_dist_avail_and_initialized():
             dist.all_reduce(sums)
-        return dict(zip(self.keys, sums.tolist())), self.count * get_world_size()
+        values = sums.tolist()
+        read = dict(zip(self.keys, values)), self.count * get_world_size()
+        return read if extra is None else (*read, values[len(self.keys):])
 
 
 def _format(values, count):
@@ -104,8 +110,10 @@ def train_step(model, criterion, optimizer, samples, targets, amp_dtype=None, ma
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm: float = 0, amp: str = "none",
-                    scaler=None, print_freq: int = 10, clock: RunClock = None, epochs: int = None):
-    """One pass over data_loader; returns the epoch averages of the official logged values and the lr.
+                    scaler=None, print_freq: int = 10, clock: RunClock = None, epochs: int = None,
+                    token_stride: int = 32):
+    """One pass over data_loader; returns the epoch averages of the official logged values, the lr, and the padded
+    fractions of the batches' pixels and encoder tokens (positions of the stride-`token_stride` feature map).
 
     Progress: a bar in a terminal, else a line after the first iteration and every print_freq iterations; `clock`
     (a RunClock over the whole run) adds the run's time left, `epochs` the run's epoch count. A non-finite loss
@@ -115,6 +123,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     criterion.train()
     dtype = AMP_DTYPES[amp]
     meter, num_iters = _Meter(), len(data_loader)
+    padded, canvas = None, [0, 0]  # padded pixels and tokens summed on the device; all pixels and tokens
     last_values, last_count, last_iter = None, 0, 0
     start = last_log = end = time.perf_counter()
     data_time = 0.0
@@ -126,6 +135,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         if device.type == "cuda":
             samples.tensors = samples.tensors.contiguous(memory_format=torch.channels_last)
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        counts, pixels, tokens = padding_counts(samples.mask, token_stride)
+        padded = counts if padded is None else padded + counts
+        canvas = [canvas[0] + pixels, canvas[1] + tokens]
         try:
             stats = train_step(model, criterion, optimizer, samples, targets, dtype, max_norm, scaler)
         except FloatingPointError as error:  # the matcher meets diverged (NaN) predictions first
@@ -161,13 +173,16 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         end = time.perf_counter()
 
     bar.close()
-    values, count = meter.read()
+    values, count, (padded_pixels, padded_tokens, pixels, tokens) = meter.read(
+        torch.cat([padded.double(), torch.tensor(canvas, dtype=torch.float64, device=device)]))
     averages = {k: v / count for k, v in values.items()}
+    averages["padded_pixels"], averages["padded_tokens"] = padded_pixels / pixels, padded_tokens / tokens
     if is_main_process():
         took = datetime.timedelta(seconds=int(time.perf_counter() - start))
         run_eta = f", run eta {clock.eta()}" if clock is not None else ""
         print(f"Epoch: [{epoch}{of}] done in {took} ({(time.perf_counter() - start) / num_iters:.3f} s/it{run_eta})  "
-              f"{_format(values, count)}", flush=True)
+              f"{_format(values, count)}  padding: {averages['padded_pixels']:.1%} of pixels, "
+              f"{averages['padded_tokens']:.1%} of tokens", flush=True)
     averages["lr"] = optimizer.param_groups[0]["lr"]
     return averages
 

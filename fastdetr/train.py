@@ -36,6 +36,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 from . import build
 from .checkpoint import CheckpointError, check_optimizer_state, load_checkpoint, save_checkpoint
 from .data import DataError, build_dataset, collate_uint8, make_synthetic_coco
+from .data.batching import GroupedBatchSampler, aspect_ratio_bins, aspect_ratio_groups, image_aspect_ratios
 from .data.coco import split_paths
 from .data.transforms import AUGMENTATIONS
 from .progress import RunClock
@@ -125,6 +126,10 @@ def get_args_parser():
     own.add_argument("--max_size", default=1333, type=int, help="longest image side")
     own.add_argument("--augment", choices=AUGMENTATIONS, default="paper",
                      help="paper: flips, multi-scale resizing and crops; flip: flips at the validation scale only")
+    own.add_argument("--aspect_ratio_group_factor", default=-1, type=int,
+                     help="batch training images of like width / height (torchvision's grouping, from the annotated "
+                          "sizes): k >= 1 makes 2k + 2 groups, 0 two (portrait, landscape), -1 none (the official "
+                          "recipe); less padding in a batch, less computed on it")
     own.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines (logs)")
     own.add_argument("--synthetic_train", default=1600, type=int, help="synthetic training images (no --coco_path)")
     own.add_argument("--synthetic_val", default=200, type=int, help="synthetic validation images (no --coco_path)")
@@ -246,8 +251,15 @@ def make_loaders(args, dataset_train, dataset_val):
     # saved in the checkpoint, which is what lets --resume replay the same augmentations.
     loader_train = None
     if dataset_train is not None:
-        loader_train = DataLoader(dataset_train, batch_sampler=BatchSampler(sampler_train, args.batch_size,
-                                                                            drop_last=True),
+        if args.aspect_ratio_group_factor >= 0:
+            groups = aspect_ratio_groups(image_aspect_ratios(dataset_train), args.aspect_ratio_group_factor)
+            batch_sampler = GroupedBatchSampler(sampler_train, groups, args.batch_size, drop_last=True)
+            bins = [round(b, 3) for b in aspect_ratio_bins(args.aspect_ratio_group_factor)]
+            log(f"Aspect-ratio groups (width / height bins {bins}): "
+                f"{[groups.count(g) for g in range(len(bins) + 1)]} images")
+        else:
+            batch_sampler = BatchSampler(sampler_train, args.batch_size, drop_last=True)
+        loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler,
                                   collate_fn=collate_uint8, num_workers=args.num_workers, pin_memory=pin)
     loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
                             collate_fn=collate_uint8, num_workers=args.num_workers, pin_memory=pin)
@@ -459,7 +471,8 @@ def run(args):
         if args.distributed:
             sampler_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
-                                      args.amp, scaler, args.print_freq, clock, args.epochs)
+                                      args.amp, scaler, args.print_freq, clock, args.epochs,
+                                      token_stride=16 if args.dilation else 32)
         lr_scheduler.step()
         with rng_preserved(device):
             test_stats, coco_eval, summary = evaluate(model, criterion, *evaluate_args)

@@ -59,6 +59,10 @@ def check_args(args) -> str:
     if args.hidden_dim % quantum:
         raise UsageError(f"--hidden_dim {args.hidden_dim}: the {args.position_embedding} position embedding needs a "
                          f"multiple of {quantum}")
+    factor = getattr(args, "aspect_ratio_group_factor", -1)
+    if factor < -1:
+        raise UsageError(f"--aspect_ratio_group_factor {factor}: must be -1 (no grouping, the default), 0 (portrait "
+                         "and landscape batches) or k >= 1 (2k + 2 groups of width / height)")
     if args.max_size < args.min_size:
         raise UsageError(f"--max_size {args.max_size} is below --min_size {args.min_size}")
     if args.resume and args.finetune:
