@@ -26,11 +26,15 @@ def test_tiny_run_measures_both_fastdetr_pipelines(tmp_path):
     names = sorted((tmp_path / "cache" / "data-benchmark-48x32-3" / "val2017").iterdir())
     assert [Image.open(n).size for n in names] == [(48, 32), (48, 32), (32, 48)]  # a third portrait
     result = json.loads(out.read_text())
-    rows = {(r["split"], r["pipeline"]): r for r in result["rows"]}
-    assert set(rows) == {(s, p) for s in ("train", "val") for p in ("fastdetr", "fastdetr, normalised on the host")}
+    rows = {(r["work"], r["pipeline"]): r for r in result["rows"]}
+    assert set(rows) == {(w, p) for w in ("train", "val") for p in ("fastdetr", "fastdetr, normalised on the host")
+                         } | {("decode", "fastdetr")}
     for row in rows.values():
         assert len(row["per_round"]) == 2 and min(row["per_round"]) > 0 and row["ratio"] is None
     assert result["environment"]["torchvision"] == torchvision.__version__
+    (what, parity), = result["parity"]["48x32"].items()
+    assert what.startswith("training transforms on uint8 tensors vs on PIL images")
+    assert parity["same_sizes"] and parity["max_box_difference"] == 0 and parity["max_pixel_difference"] <= 1.001
 
 
 def test_files_are_made_once(tmp_path):

@@ -17,10 +17,14 @@ training augmentation (random flip, then either a resize of the shorter side to 
 - official: PIL decoding and transforms, ToTensor and Normalize per image (detr==0.1.4's datasets/ and
   util/misc.py collate_fn).
 
-The pipelines take turns over the same files in each round (the order alternating), with the same seed each
-round; the table gives the median over rounds and the median of the per-round ratios to the official pipeline.
-With --official the validation outputs of the two are also compared: sizes, boxes, and pixels (the two bilinear
-resizes round differently).
+Rows "decode" time decoding alone (with the target's preparation): what is left when the augmentation costs
+nothing, the same libjpeg-turbo in both.
+
+The pipelines take turns over the same files (in the page cache) in each round, the order alternating, with the
+same seed each round; the table gives the median over rounds and the median of the per-round ratios to the
+official pipeline. The outputs are compared too: fastdetr's training transforms on the uint8 tensor against the
+same transforms on a PIL image with the same draws, and with --official the validation outputs against the
+official code's: sizes, boxes, and pixels (PIL's and torch's bilinear resizes round differently).
 """
 import argparse
 import contextlib
@@ -42,6 +46,7 @@ import PIL
 import torch
 import torchvision
 from PIL import Image
+from torchvision.transforms.v2 import functional as F
 
 from . import collate_fn, collate_uint8
 from .coco import CocoDetection
@@ -49,6 +54,9 @@ from .transforms import IMAGENET_STD, make_coco_transforms
 
 SIZES = ("640x480", "1280x960")  # COCO's most common size, and twice it
 OFFICIAL = "detr==0.1.4"
+# what is timed: the training or validation pipeline up to the batch, or only decoding (and the target's
+# preparation) without transforms or collate
+WORK = ("train", "val", "decode")
 _OFFICIAL_PACKAGES = ("datasets", "util", "models")  # its top-level names, which clash with other packages'
 
 
@@ -142,25 +150,27 @@ def _official_imports(target: Path):
 
 
 def official_pipelines(target: Path, root: Path):
-    """{split: (dataset, collate)} of the official code, and its version."""
+    """{work: (dataset, collate)} of the official code, and its version."""
     with _official_imports(target):
         coco = importlib.import_module("datasets.coco")
         misc = importlib.import_module("util.misc")
     versions = sorted(p.name for p in target.glob("detr-*.dist-info"))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while reading
-        pipelines = {split: (coco.CocoDetection(root / "val2017", root / "annotations" / "instances_val2017.json",
-                                                coco.make_coco_transforms(split), return_masks=False),
-                             misc.collate_fn) for split in ("train", "val")}
+        pipelines = {work: (coco.CocoDetection(root / "val2017", root / "annotations" / "instances_val2017.json",
+                                               coco.make_coco_transforms(work) if work != "decode" else None,
+                                               return_masks=False),
+                            misc.collate_fn if work != "decode" else list) for work in WORK}
     return pipelines, (versions[0].removesuffix(".dist-info") if versions else "detr (unknown version)")
 
 
 def fastdetr_pipelines(root: Path) -> Dict[str, Dict[str, tuple]]:
-    """{name: {split: (dataset, collate)}}: fastdetr's loader (uint8 batches) and the same normalised on the host."""
+    """{name: {work: (dataset, collate)}}: fastdetr's loader (uint8 batches) and the same normalised on the host."""
     ann_file = root / "annotations" / "instances_val2017.json"
-    datasets = {split: CocoDetection(root / "val2017", ann_file, make_coco_transforms(split, normalized=False))
-                for split in ("train", "val")}
-    return {"fastdetr": {s: (d, collate_uint8) for s, d in datasets.items()},
-            "fastdetr, normalised on the host": {s: (d, collate_fn) for s, d in datasets.items()}}
+    datasets = {work: CocoDetection(root / "val2017", ann_file, make_coco_transforms(work, normalized=False))
+                for work in ("train", "val")}
+    return {"fastdetr": {**{w: (d, collate_uint8) for w, d in datasets.items()},
+                         "decode": (CocoDetection(root / "val2017", ann_file), list)},
+            "fastdetr, normalised on the host": {w: (d, collate_fn) for w, d in datasets.items()}}
 
 
 def load_all(dataset, collate: Callable, indices: Sequence[int], batch_size: int, seed: int) -> float:
@@ -185,24 +195,49 @@ def measure(pipelines: Dict[str, tuple], indices: Sequence[int], batch_size: int
     return rates
 
 
-def compare_val(ours, official, indices: Sequence[int]) -> dict:
-    """The validation outputs of fastdetr (normalised as the device does) and the official code on the same
-    files: sizes equal, largest box difference, and the pixel difference in levels of 255."""
+def difference(pairs) -> dict:
+    """Over (ours, reference) pairs of normalised (image, target): whether the sizes are equal, the largest box
+    difference, and the pixel difference in levels of 255 (largest, and the fraction of values that differ)."""
     std = torch.tensor(IMAGENET_STD)[:, None, None]
     same_size, box_diff, pixel_max, differing, values = True, 0.0, 0.0, 0, 0
-    for i in indices:
-        (image, target), (theirs, their_target) = collate_fn([ours[i]]), official[i]
-        image = image.tensors[0]
-        same_size &= image.shape == theirs.shape and target[0]["size"].tolist() == their_target["size"].tolist()
-        if image.shape != theirs.shape:
+    for (image, target), (reference, reference_target) in pairs:
+        same_size &= image.shape == reference.shape and torch.equal(target["size"], reference_target["size"])
+        if image.shape != reference.shape:
             continue
-        box_diff = max(box_diff, float((target[0]["boxes"] - their_target["boxes"]).abs().max()))
-        levels = ((image - theirs) * std * 255).abs()
+        if len(target["boxes"]) or len(reference_target["boxes"]):
+            box_diff = max(box_diff, float((target["boxes"] - reference_target["boxes"]).abs().max()))
+        levels = ((image - reference) * std * 255).abs()
         pixel_max = max(pixel_max, float(levels.max()))
         differing += int((levels > 0.5).sum())
         values += levels.numel()
     return {"same_sizes": bool(same_size), "max_box_difference": box_diff, "max_pixel_difference": pixel_max,
             "differing_fraction": differing / max(values, 1)}
+
+
+def versus_official(ours, official, indices: Sequence[int]) -> dict:
+    """fastdetr's validation outputs (normalised as on the device) against the official code's, file by file."""
+    def normalised(item):
+        samples, targets = collate_fn([item])
+        return samples.tensors[0], targets[0]
+
+    return difference((normalised(ours[i]), official[i]) for i in indices)
+
+
+def versus_pil(root: Path, indices: Sequence[int]) -> dict:
+    """fastdetr's training transforms on the decoded uint8 tensor against the same transforms on a PIL image of the
+    same pixels (fastdetr's previous pipeline, the official semantics), with the same random draws."""
+    dataset = CocoDetection(root / "val2017", root / "annotations" / "instances_val2017.json")
+
+    def train(pixels, normalized, seed):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        image, target = make_coco_transforms("train", normalized=normalized)(pixels, target_of[seed])
+        return collate_fn([(image, target)])[0].tensors[0], target
+
+    items = {i: dataset[i] for i in indices}
+    target_of = {i: t for i, (_, t) in items.items()}
+    return difference((train(image, False, i), train(F.to_pil_image(image), True, i)) for i, (image, _) in
+                      items.items())
 
 
 def environment() -> dict:
@@ -229,17 +264,18 @@ def report(result: dict) -> str:
              f"{result['load_average_end'][0]:.2f} at the end | torch {env['torch']} | torchvision "
              f"{env['torchvision']} | Pillow {env['pillow']} (libjpeg-turbo {env['libjpeg_turbo']}) | "
              f"{result.get('official_version') or 'official: not run (--official)'} | {env['date']}", ""]
-    header = f"{'files':<10} {'split':<6} {'pipeline':<33} {'images/s':>9} {'ms/image':>9} {'x official':>11}"
+    header = f"{'files':<10} {'work':<6} {'pipeline':<33} {'images/s':>9} {'ms/image':>9} {'x official':>11}"
     lines += [header, "-" * len(header)]
     for row in result["rows"]:
         ratio = f"{row['ratio']:.2f}" if row.get("ratio") is not None else "-"
-        lines.append(f"{row['files']:<10} {row['split']:<6} {row['pipeline']:<33} {row['images_per_s']:>9.1f} "
+        lines.append(f"{row['files']:<10} {row['work']:<6} {row['pipeline']:<33} {row['images_per_s']:>9.1f} "
                      f"{1e3 / row['images_per_s']:>9.1f} {ratio:>11}")
-    for files, parity in result.get("val_parity", {}).items():
-        lines.append(f"validation outputs, {files} files, fastdetr vs official: sizes "
-                     f"{'equal' if parity['same_sizes'] else 'DIFFERENT'}, boxes within "
-                     f"{parity['max_box_difference']:.1e}, pixels within {parity['max_pixel_difference']:.2f} of "
-                     f"255 ({parity['differing_fraction']:.3%} of the values differ)")
+    for files, comparisons in result["parity"].items():
+        for what, parity in comparisons.items():
+            lines.append(f"{files} files, {what}: sizes {'equal' if parity['same_sizes'] else 'DIFFERENT'}, boxes "
+                         f"within {parity['max_box_difference']:.1e}, pixels within "
+                         f"{parity['max_pixel_difference']:.2f} of 255 ({parity['differing_fraction']:.3%} of the "
+                         "values differ)")
     return "\n".join(lines)
 
 
@@ -248,7 +284,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--official", nargs="?", const=OFFICIAL, metavar="SPEC",
                         help=f"also run the official pipeline, installed with pip from SPEC (default {OFFICIAL}; a "
                              "wheel path works offline) into the cache folder, not into the environment")
-    parser.add_argument("--images", type=int, default=16, help="files of each size read per round")
+    parser.add_argument("--images", type=int, default=32, help="files of each size read per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=2, help="images per collated batch (the recipe's 2)")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), metavar="WxH",
@@ -266,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cache = args.cache or cache_root()
     torch.set_num_threads(1)  # as in a DataLoader worker
     result = {"environment": environment(), "args": {k: str(v) if isinstance(v, Path) else v
-                                                     for k, v in vars(args).items()}, "rows": []}
+                                                     for k, v in vars(args).items()}, "rows": [], "parity": {}}
     official_target = install_official(args.official, cache) if args.official else None
     for files in args.sizes:
         root = make_files(cache / f"data-benchmark-{files.lower()}-{args.images}", file_sizes(files), args.images)
@@ -275,16 +311,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             official, result["official_version"] = official_pipelines(official_target, root)
             pipelines["official"] = official
         indices = list(range(args.images))
-        for split in ("train", "val"):
-            rates = measure({name: p[split] for name, p in pipelines.items()}, indices, args.batch_size, args.rounds)
+        for work in WORK:
+            rates = measure({name: p[work] for name, p in pipelines.items() if work in p}, indices, args.batch_size,
+                            args.rounds)
             for name, per_round in rates.items():
                 result["rows"].append({
-                    "files": files, "split": split, "pipeline": name, "images_per_s": statistics.median(per_round),
+                    "files": files, "work": work, "pipeline": name, "images_per_s": statistics.median(per_round),
                     "per_round": per_round,
                     "ratio": _median_ratio(per_round, rates["official"]) if "official" in rates else None})
+        parity = result["parity"][files] = {
+            "training transforms on uint8 tensors vs on PIL images, same draws": versus_pil(root, indices)}
         if official_target is not None:
-            result.setdefault("val_parity", {})[files] = compare_val(pipelines["fastdetr"]["val"][0],
-                                                                     pipelines["official"]["val"][0], indices)
+            parity["validation outputs vs the official code's"] = versus_official(
+                pipelines["fastdetr"]["val"][0], pipelines["official"]["val"][0], indices)
     result["load_average_end"] = os.getloadavg()
     print(report(result))
     if args.json:

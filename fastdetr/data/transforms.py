@@ -14,9 +14,9 @@ and box bookkeeping come from torchvision.transforms.v2 with ``tv_tensors.Boundi
 `ToUint8` ends it with the same boxes but the image left as uint8 [3, H, W]: the training loop's loaders pad those
 (`collate_uint8`) and `normalize_batch` makes the very same floats on the device, a quarter of the bytes to move.
 
-On uint8 tensors the bilinear resize (antialiased) is torchvision's, 3-4x faster than PIL's; it rounds a few
-pixels differently (at most 1 of 255 on under 1 % of the values, measured in benchmarks/RESULTS.md); sizes, boxes
-and crops are the same.
+On uint8 tensors the bilinear resize (antialiased) is torch's, 3-4x faster than PIL's; the two round some pixels
+differently (measured on photo-like JPEGs: by 1 of 255 on 0.2 % of the values of 640x480 files, by up to 2 on 2 %
+when 1280x960 files are shrunk; benchmarks/RESULTS.md); sizes, boxes and crops are the same.
 """
 import random
 
