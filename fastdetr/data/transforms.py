@@ -15,8 +15,8 @@ and box bookkeeping come from torchvision.transforms.v2 with ``tv_tensors.Boundi
 (`collate_uint8`) and `normalize_batch` makes the very same floats on the device, a quarter of the bytes to move.
 
 On uint8 tensors the bilinear resize (antialiased) is torch's, 3-4x faster than PIL's; the two round some pixels
-differently (measured on photo-like JPEGs: by 1 of 255 on 0.2 % of the values of 640x480 files, by up to 2 on 2 %
-when 1280x960 files are shrunk; benchmarks/RESULTS.md); sizes, boxes and crops are the same.
+differently (measured on photo-like JPEGs: by 1 of 255 on 0.2 % of the values of 640x480 files, by up to 2 on 1 to
+2.3 % when 1280x960 files are shrunk; benchmarks/RESULTS.md); sizes, boxes and crops are the same.
 """
 import random
 
