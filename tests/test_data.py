@@ -2,6 +2,8 @@
 import argparse
 import json
 import random
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -281,6 +283,17 @@ def photo_like(height, width, seed=0):
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+def write_rgb48_png(path, pixels):
+    """A 16-bit-per-channel RGB PNG (which PIL cannot write): PIL reads it as "RGB", torchvision as uint16."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = pixels.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
 def test_decoding_gives_pils_pixels(tmp_path):
     photo = photo_like(30, 44)
     files = {  # name: decoded by torchvision (else by PIL and to_rgb)
@@ -293,8 +306,11 @@ def test_decoding_gives_pils_pixels(tmp_path):
         "bits.png": (photo.convert("1"), {}, False),
         "sixteen.png": (Image.fromarray(np.asarray(photo.convert("L"), np.uint16) * 257), {}, False),
     }
+    write_rgb48_png(tmp_path / "rgb48.png", np.arange(30 * 44 * 3).reshape(30, 44, 3) * 997 % 65536)
+    files["rgb48.png"] = (None, {}, False)
     for name, (image, options, fast) in files.items():
-        image.save(tmp_path / name, **options)
+        if image is not None:
+            image.save(tmp_path / name, **options)
         with Image.open(tmp_path / name) as opened:
             assert (_decode((tmp_path / name).read_bytes(), opened) is not None) == fast, name
             expected = torch.from_numpy(np.array(to_rgb(opened))).permute(2, 0, 1)
