@@ -1,6 +1,7 @@
 """DETR's set criterion: Hungarian-matched classification, box L1 and GIoU losses, plus diagnostics."""
-from typing import Dict, List
+from typing import Dict, List, NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -10,6 +11,16 @@ from torchvision.ops import box_convert, generalized_box_iou
 from .misc import get_world_size, is_dist_avail_and_initialized
 
 LOSSES = ("labels", "cardinality", "boxes")
+
+
+class Matched(NamedTuple):
+    """One layer's matching, flat over the batch, on the device: query (batch_idx, src_idx) [M] is matched to the
+    target with `labels` [M] and `boxes` [M, 4]; `lengths` [B] the target count of each image."""
+    batch_idx: torch.Tensor
+    src_idx: torch.Tensor
+    labels: torch.Tensor
+    boxes: torch.Tensor
+    lengths: torch.Tensor
 
 
 class SetCriterion(nn.Module):
@@ -37,14 +48,14 @@ class SetCriterion(nn.Module):
     def loss_labels(self, outputs, targets, indices, num_boxes, log=True):
         """Cross entropy over all queries, unmatched ones labelled "no object"; class_error over matched ones."""
         src_logits = outputs["pred_logits"]
-        idx = self._get_src_permutation_idx(indices)
-        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        matched = self._matched(indices, targets, src_logits.device)
+        idx = matched.batch_idx, matched.src_idx
         target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64,
                                     device=src_logits.device)
-        target_classes[idx] = target_classes_o
+        target_classes[idx] = matched.labels
         losses = {"loss_ce": F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)}
         if log:
-            losses["class_error"] = 100 - _top1_accuracy(src_logits[idx], target_classes_o)
+            losses["class_error"] = 100 - _top1_accuracy(src_logits[idx], matched.labels)
         return losses
 
     @torch.no_grad()
@@ -52,48 +63,70 @@ class SetCriterion(nn.Module):
         """L1 error between the number of predicted objects (not "no object") and the number of targets; a
         diagnostic, no gradient."""
         pred_logits = outputs["pred_logits"]
-        tgt_lengths = torch.as_tensor([len(v["labels"]) for v in targets], device=pred_logits.device)
+        tgt_lengths = self._matched(indices, targets, pred_logits.device).lengths
         card_pred = (pred_logits.argmax(-1) != pred_logits.shape[-1] - 1).sum(1)
         return {"cardinality_error": F.l1_loss(card_pred.float(), tgt_lengths.float())}
 
     def loss_boxes(self, outputs, targets, indices, num_boxes):
         """L1 and 1 - GIoU between matched boxes (normalised cx, cy, w, h), summed and divided by num_boxes."""
-        idx = self._get_src_permutation_idx(indices)
-        src_boxes = outputs["pred_boxes"][idx]
-        target_boxes = torch.cat([t["boxes"][i] for t, (_, i) in zip(targets, indices)], dim=0)
+        matched = self._matched(indices, targets, outputs["pred_boxes"].device)
+        src_boxes = outputs["pred_boxes"][matched.batch_idx, matched.src_idx]
+        target_boxes = matched.boxes
         loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
         loss_giou = 1 - torch.diag(generalized_box_iou(box_convert(src_boxes, "cxcywh", "xyxy"),
                                                        box_convert(target_boxes, "cxcywh", "xyxy")))
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
 
-    def _get_src_permutation_idx(self, indices):
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        src_idx = torch.cat([src for (src, _) in indices])
-        return batch_idx, src_idx
-
     def get_loss(self, loss, outputs, targets, indices, num_boxes, **kwargs):
+        """One loss; `indices` as the matcher returns them (or as _matched_layers gives them)."""
         loss_fn = {"labels": self.loss_labels, "cardinality": self.loss_cardinality, "boxes": self.loss_boxes}
         return loss_fn[loss](outputs, targets, indices, num_boxes, **kwargs)
 
     def forward(self, outputs, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """outputs as DETR returns them; targets a list (one per image) of dicts with labels and boxes.
 
-        Returns every loss; those of aux_outputs[i] are suffixed `_i`.
+        Returns every loss; those of aux_outputs[i] are suffixed `_i`. All decoder layers are matched together
+        (one host synchronisation) and their matched indices and targets reach the device in one copy.
         """
-        outputs_without_aux = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        indices = self.matcher(outputs_without_aux, targets)
-        num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
+        layers = [{k: v for k, v in outputs.items() if k != "aux_outputs"}, *outputs.get("aux_outputs", [])]
+        device = outputs["pred_logits"].device
+        matched = self._matched_layers(self.matcher.match_layers(layers, targets), targets, device)
+        num_boxes = self._num_boxes(targets, device)
 
         losses = {}
         for loss in self.losses:
-            losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
-        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
-            indices = self.matcher(aux_outputs, targets)
+            losses.update(self.get_loss(loss, layers[0], targets, matched[0], num_boxes))
+        for i, (aux_outputs, indices) in enumerate(zip(layers[1:], matched[1:])):
             for loss in self.losses:
                 kwargs = {"log": False} if loss == "labels" else {}
                 l_dict = self.get_loss(loss, aux_outputs, targets, indices, num_boxes, **kwargs)
                 losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
         return losses
+
+    def _matched(self, indices, targets, device) -> Matched:
+        return indices if isinstance(indices, Matched) else self._matched_layers([indices], targets, device)[0]
+
+    @staticmethod
+    def _matched_layers(layer_indices, targets, device) -> List[Matched]:
+        """The matcher's (index_i, index_j) pairs of several layers as flat device tensors, gathered from the
+        targets concatenated once: the indices (host arrays) are packed and copied to the device in one
+        non-blocking transfer, so that indexing device tensors with them waits for nothing."""
+        lengths = [len(t["labels"]) for t in targets]
+        offsets = np.cumsum([0] + lengths[:-1])
+        packed = [np.asarray(lengths, dtype=np.int64)]
+        for indices in layer_indices:
+            packed.append(np.concatenate([np.full(len(i), b, dtype=np.int64) for b, (i, _) in enumerate(indices)]
+                                         + [np.asarray(i, dtype=np.int64) for i, _ in indices]
+                                         + [np.asarray(j, dtype=np.int64) + o for (_, j), o in zip(indices, offsets)]))
+        host = torch.from_numpy(np.concatenate(packed))
+        if device.type == "cuda":
+            host = host.pin_memory()
+        flat = host.to(device, non_blocking=True)
+        labels = torch.cat([t["labels"] for t in targets])
+        boxes = torch.cat([t["boxes"] for t in targets])
+        batch, pairs = len(targets), len(packed[1]) // 3  # the same number of pairs in every layer
+        return [Matched(batch_idx, src_idx, labels[tgt_idx], boxes[tgt_idx], flat[:batch])
+                for batch_idx, src_idx, tgt_idx in flat[batch:].view(len(layer_indices), 3, pairs)]
 
     @staticmethod
     def _num_boxes(targets, device):

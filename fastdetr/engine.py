@@ -1,5 +1,6 @@
-"""Train and evaluate for one epoch (the official engine.py), with mixed precision and no host synchronisation per
-iteration: losses are summed on the device and read back only every `print_freq` iterations."""
+"""Train and evaluate for one epoch (the official engine.py), with mixed precision and one host synchronisation per
+iteration, the matching cost's copy to scipy (all decoder layers at once): losses and padding are summed on the
+device and read back only every `print_freq` iterations (tests/test_host_syncs.py counts them)."""
 import contextlib
 import datetime
 import io
@@ -174,7 +175,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
 
     bar.close()
     values, count, (padded_pixels, padded_tokens, pixels, tokens) = meter.read(
-        torch.cat([padded.double(), torch.tensor(canvas, dtype=torch.float64, device=device)]))
+        torch.cat([padded.double(), torch.tensor(canvas, dtype=torch.float64).to(device, non_blocking=True)]))
     averages = {k: v / count for k, v in values.items()}
     averages["padded_pixels"], averages["padded_tokens"] = padded_pixels / pixels, padded_tokens / tokens
     if is_main_process():

@@ -2,6 +2,7 @@
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import box_convert, generalized_box_iou
 
 
@@ -25,25 +26,46 @@ class HungarianMatcher(nn.Module):
         Returns one (index_i, index_j) pair of int64 tensors per image: query index_i is matched to target
         index_j, len = min(Nq, n_i).
         """
-        bs, num_queries = outputs["pred_logits"].shape[:2]
-        out_prob = outputs["pred_logits"].flatten(0, 1).softmax(-1)
-        out_bbox = outputs["pred_boxes"].flatten(0, 1)
-        tgt_ids = torch.cat([v["labels"] for v in targets])
-        tgt_bbox = torch.cat([v["boxes"] for v in targets]).to(out_bbox.dtype)
+        return self.match_layers([outputs], targets)[0]
 
-        cost_class = -out_prob[:, tgt_ids]
-        cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
+    @torch.no_grad()
+    def match_layers(self, layers, targets):
+        """forward for several outputs at once (DETR's decoder layers: L dicts of the same shapes): a list of L
+        forward results.
+
+        The cost of each image's queries against its own targets only (the official code computes every image's
+        queries against all the batch's targets and keeps the diagonal blocks) is computed for all layers as one
+        tensor [L, B, Nq, max n_i], targets padded with a valid box, and copied to the host once: the only host
+        synchronisation of matching. scipy then solves each layer's and image's block. The numbers are the
+        official ones: the same operations on the same values.
+        """
+        logits = torch.stack([o["pred_logits"] for o in layers])  # [L, B, Nq, K+1]
+        sizes = [len(v["boxes"]) for v in targets]
+        if max(sizes, default=0) == 0:
+            empty = torch.empty(0, dtype=torch.int64)
+            return [[(empty, empty) for _ in targets] for _ in layers]
+        out_prob = logits.softmax(-1)
+        out_bbox = torch.stack([o["pred_boxes"] for o in layers])  # [L, B, Nq, 4]
+        tgt_ids = pad_sequence([v["labels"] for v in targets], batch_first=True)  # [B, T]
+        tgt_bbox = pad_sequence([v["boxes"] for v in targets], batch_first=True, padding_value=0.5).to(out_bbox.dtype)
+
+        num_layers, bs, num_queries = logits.shape[:3]
+        cost_class = -out_prob.gather(-1, tgt_ids[None, :, None, :].expand(num_layers, bs, num_queries, -1))
+        cost_bbox = torch.cdist(out_bbox, tgt_bbox.expand(num_layers, -1, -1, -1), p=1)
         cost_giou = -generalized_box_iou(box_convert(out_bbox, "cxcywh", "xyxy"),
                                          box_convert(tgt_bbox, "cxcywh", "xyxy"))
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        # One device-to-host copy for the whole batch; scipy then solves each image's block.
-        cost = cost.view(bs, num_queries, -1).float().cpu()
+        cost = cost.float().cpu()
         if not torch.isfinite(cost).all():
             raise FloatingPointError("HungarianMatcher: the matching cost has NaN or inf entries; the predictions "
                                      "are not finite (the model has diverged)")
-        sizes = [len(v["boxes"]) for v in targets]
-        indices = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
-        return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
+        cost = cost.numpy()
+        return [[_as_tensors(linear_sum_assignment(cost[layer, i, :, :n])) for i, n in enumerate(sizes)]
+                for layer in range(num_layers)]
+
+
+def _as_tensors(pair):
+    return tuple(torch.as_tensor(x, dtype=torch.int64) for x in pair)
 
 
 def build_matcher(args):
