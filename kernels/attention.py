@@ -51,7 +51,7 @@ from torch.library import triton_op
 
 from ._compat import wrap_triton
 from .launch import LeanLauncher
-from .rng import draw_seed, keep_mask, keep_scale, keep_threshold, philox_keep
+from .rng import draw_seed, drop, keep_mask, keep_scale, keep_threshold, philox_keep, philox_keep_t
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -214,7 +214,7 @@ def _attn_fwd(Q, K, V, Mask, Out, LSE, Seed,
         # The softmax normaliser counts every probability; dropout only zeroes terms of the weighted sum.
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            p = tl.where(philox_keep(seed, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N), p, 0.0)
+            p = drop(philox_keep(seed, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N), p, V.dtype.element_ty)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_range, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -346,8 +346,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, Mask, LSE, Delta, DK, DV, Seed,
         p_t = tl.where(valid[:, None], tl.math.exp2(qk_t - lse[None, :]), 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = tl.trans(philox_keep(seed, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N))
-            dv += tl.dot(tl.where(keep, p_t, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+            if do.dtype == tl.float32:
+                # generating the bits transposed needs more registers: at head dim 64 the fp32 kernel would spill
+                keep = tl.trans(philox_keep(seed, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N))
+            else:  # one layout conversion of the bits instead of three
+                keep = philox_keep_t(seed, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N)
+            dv += tl.dot(drop(keep, p_t, do.dtype), do, input_precision=DOT_PRECISION)
             dp_t = tl.where(keep, dp_t, 0.0)
         else:
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)

@@ -60,7 +60,7 @@ from torch.library import triton_op
 
 from ._compat import wrap_triton
 from .launch import LeanLauncher
-from .rng import draw_seed, keep_mask, keep_scale, keep_threshold, philox_keep
+from .rng import draw_seed, drop, keep_mask, keep_scale, keep_threshold, philox_keep, philox_keep_interleaved
 
 MAX_D_MODEL = 512  # the LayerNorm epilogues hold a whole row in one tile.
 _D_BLOCKS = (16, 32, 64, 128, 256, 512)
@@ -233,8 +233,9 @@ def _linear1_kernel(
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         acc = tl.maximum(acc, 0.0)
         if DROPOUT:
-            keep = _keep(seed_ptr, STREAM_HIDDEN, rm, pid_n * BLOCK_N, threshold, BLOCK_M, BLOCK_N)
-            acc = tl.where(keep, acc, 0.0)
+            keep = philox_keep_interleaved(tl.load(seed_ptr), tl.full([], STREAM_HIDDEN, tl.uint32), rm,
+                                           pid_n * BLOCK_N, threshold, BLOCK_M, BLOCK_N)
+            acc = drop(keep, acc, out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs, acc, mask=inside)
 
 
@@ -664,5 +665,5 @@ def ffn_keep_masks(seed: Tensor, rows: int, hidden: int, d_model: int,
                    dropout_p: float) -> Tuple[Tensor, Tensor]:
     """Debug path: the keep masks ([rows, hidden] after linear1, [rows, d_model] after linear2) of a seed tensor;
     kept values are scaled by `fastdetr.kernels.rng.keep_scale(dropout_p)`."""
-    return (keep_mask(seed, STREAM_HIDDEN.value, rows, hidden, dropout_p),
+    return (keep_mask(seed, STREAM_HIDDEN.value, rows, hidden, dropout_p, generator="interleaved"),
             keep_mask(seed, STREAM_OUT.value, rows, d_model, dropout_p))

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from static_attention import launch_args  # noqa: E402
 from fastdetr.kernels.attention import (HEAD_DIMS, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd,
                                         attention_config_candidates)
-from fastdetr.kernels.rng import KEEP_MASK_BLOCK, _keep_mask_kernel
+from fastdetr.kernels.rng import GENERATORS, KEEP_MASK_BLOCK, _keep_mask_kernel
 
 B, H, L = 2, 8, 850
 CCS = (80, 90)
@@ -47,9 +47,11 @@ def reports():
             fn, cc, _launch_args(fn, dtype, head_dim, cfg, dot_precision), cfg.num_warps, cfg.num_stages)
     block_rows, block_cols = KEEP_MASK_BLOCK
     for cc in CCS:
-        futures["keep_mask", cc] = submit_report(
-            _keep_mask_kernel, cc, {"Keep": "*i1", "Seed": "*i64", "rows": 850, "cols": 850, "stream": 3,
-                                    "threshold": 230, "BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols}, 4, 1)
+        for generator in GENERATORS:
+            futures["keep_mask", generator, cc] = submit_report(
+                _keep_mask_kernel, cc, {"Keep": "*i1", "Seed": "*i64", "rows": 850, "cols": 850, "stream": 3,
+                                        "threshold": 230, "BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols,
+                                        "GENERATOR": generator}, 4, 1)
     return futures
 
 
@@ -65,8 +67,9 @@ def test_attention_kernel_compiles(reports, kernel, precision, head_dim, cfg, cc
         assert_tensor_cores(report, warp_mma_ok=min(cfg.block_m, cfg.block_n) < 64)
 
 
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("cc", CCS)
-def test_keep_mask_kernel_compiles(reports, cc):
-    report = reports["keep_mask", cc].get()
+def test_keep_mask_kernel_compiles(reports, cc, generator):
+    report = reports["keep_mask", generator, cc].get()
     assert_shared_fits(report)
     assert_no_spills(report)

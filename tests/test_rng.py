@@ -23,20 +23,30 @@ def philox4x32(key: int, counters: np.ndarray, rounds: int = 7) -> np.ndarray:
     return c.astype(np.uint32)
 
 
-def keep_mask_numpy(seed: int, stream: int, rows: int, cols: int, p: float) -> np.ndarray:
+def keep_mask_numpy(seed: int, stream: int, rows: int, cols: int, p: float, interleaved: bool = False
+                    ) -> np.ndarray:
+    """The documented mappings (kernels/rng.py's docstring), from the numpy Philox."""
     r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    counters = np.stack([r.ravel(), c.ravel() // 16, np.full(r.size, stream), np.zeros(r.size)], 1)
+    r, c = r.ravel(), c.ravel()
+    if interleaved:
+        call, word_index, byte_index = 4 * (c // 64) + (c % 8) // 2, (c % 64) // 16, 2 * ((c // 8) % 2) + c % 2
+    else:
+        call, word_index, byte_index = c // 16, (c % 16) // 4, c % 4
+    counters = np.stack([r, call, np.full(r.size, stream), np.zeros(r.size)], 1)
     words = philox4x32(seed, counters.astype(np.uint32))
-    word = words[np.arange(r.size), (c.ravel() % 16) // 4]
-    byte = (word >> (8 * (c.ravel() % 4)).astype(np.uint32)) & 0xFF
+    byte = (words[np.arange(r.size), word_index] >> (8 * byte_index).astype(np.uint32)) & 0xFF
     return (byte < keep_threshold(p)).reshape(rows, cols)
 
 
 def test_bits_are_the_documented_philox_bytes():
     seed = torch.tensor([0x1234_5678_9ABC_DEF], dtype=torch.int64)
     for stream, rows, cols in ((0, 37, 53), (5, 3, 130)):
-        got = keep_mask(seed, stream, rows, cols, 0.1).numpy()
-        np.testing.assert_array_equal(got, keep_mask_numpy(int(seed), stream, rows, cols, 0.1))
+        expected = keep_mask_numpy(int(seed), stream, rows, cols, 0.1)
+        np.testing.assert_array_equal(keep_mask(seed, stream, rows, cols, 0.1).numpy(), expected)
+        # dK/dV's transposed generation (philox_keep_t) gives the same bits
+        np.testing.assert_array_equal(keep_mask(seed, stream, rows, cols, 0.1, "transposed").numpy(), expected)
+        np.testing.assert_array_equal(keep_mask(seed, stream, rows, cols, 0.1, "interleaved").numpy(),
+                                      keep_mask_numpy(int(seed), stream, rows, cols, 0.1, interleaved=True))
 
 
 def test_threshold_quantisation():
