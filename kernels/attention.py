@@ -19,7 +19,9 @@ bh = b * H + h is kept iff byte j % 16 of Philox4x32-7(seed, (i, j // 16, bh, 0)
 round(256 (1 - p)), and kept probabilities are scaled by 256 / threshold (the quantised keep probability's
 inverse; p = 0.1 keeps 230/256). The seed is an int64 device tensor drawn by torch's generator of the device on
 each call (graph-safe, no host sync, the CPU generator untouched); the backward kernels regenerate exactly the
-forward's bits from it, whatever their tile shapes. `attention_dropout_mask` returns them for tests.
+forward's bits from it, whatever their tile shapes (dK/dV's transposed tiles generate them transposed,
+`rng.philox_keep_t`). The selects of dropped probabilities stay in fp32 ahead of the cast to the MMA's 16-bit
+operand (`rng.drop`). `attention_dropout_mask` returns them for tests.
 
 Backward: FlashAttention-2's deterministic two-pass design, two launches. The dQ kernel owns a query tile, computes
 Delta = rowsum(dO * O) for it (the softmax backward's correction term; with dropout too, since O carries the
