@@ -133,6 +133,22 @@ def _module_spans(timeline: Timeline, modules: Dict[str, nn.Module]):
             handle.remove()
 
 
+@contextmanager
+def _method_span(timeline: Timeline, obj, method: str, name: str):
+    """Time every call of obj.method as a span `name` (the criterion calls the matcher's match_layers, not its
+    forward, so module hooks do not see it)."""
+    original = getattr(obj, method)
+
+    def timed(*args, **kwargs):
+        with timeline.span(name):
+            return original(*args, **kwargs)
+    setattr(obj, method, timed)
+    try:
+        yield
+    finally:
+        delattr(obj, method)
+
+
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
@@ -215,8 +231,8 @@ def run_config(config: Config, args: argparse.Namespace, device: torch.device) -
         samples.tensors = samples.tensors.contiguous(memory_format=torch.channels_last)
 
     def training(timeline: Timeline) -> None:
-        with _module_spans(timeline, {"backbone": model.backbone, "transformer": model.transformer,
-                                      "matcher": criterion.matcher}):
+        with _module_spans(timeline, {"backbone": model.backbone, "transformer": model.transformer}), \
+                _method_span(timeline, criterion.matcher, "match_layers", "matcher"):
             train_step(model, criterion, optimizer, samples, targets, config.autocast, _CLIP_MAX_NORM,
                        span=timeline.span)
 
