@@ -3,9 +3,12 @@
 The model calls only `attention`, `position_embedding_sine` and `ffn` from this module. Each dispatches to a
 Triton kernel (``fastdetr.kernels``) or to the pure-PyTorch reference below, as chosen by `use_kernels`:
 
-- "auto" (default): Triton for CUDA tensors when Triton imports, the reference otherwise;
+- "auto" (default): Triton for CUDA tensors when Triton imports; for CPU tensors the fast PyTorch path (attention
+  through torch's scaled_dot_product_attention, and in the backbone channels-last convolutions with frozen
+  BatchNorm folded into them for inference: `fast_cpu_path`), equal to the reference within float32 rounding;
+  the reference otherwise;
 - "triton": always the kernels (CPU tensors only work under ``TRITON_INTERPRET=1``, which is how tests run them);
-- "reference": always the reference.
+- "reference": always the reference (the explicit math).
 
 The default comes from the environment variable ``FASTDETR_KERNELS``.
 """
@@ -96,6 +99,14 @@ def _use_triton(tensor: Tensor) -> bool:
     return tensor.is_cuda and triton_available()
 
 
+def fast_cpu_path(tensor: Tensor) -> bool:
+    """True when `tensor` takes the fast PyTorch path: "auto" mode and a CPU tensor, outside tracing and export
+    (which keep the reference graph)."""
+    mode = _mode or _current_mode()
+    return (mode == "auto" and tensor.device.type == "cpu" and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling())
+
+
 # ----------------------------------------------------------------------------------------------- attention
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
@@ -117,12 +128,27 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optio
     return torch.matmul(probs, v)
 
 
+def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
+                   dropout_p: float = 0.0, scale: Optional[float] = None) -> Tensor:
+    """`attention_reference` through F.scaled_dot_product_attention (shapes and semantics the same).
+
+    SDPA's boolean mask is True where a key takes part, the reverse of key_padding_mask. A query whose keys are
+    all masked gets zeros, as in the reference (torch's safe softmax). On CPU, dropout sends SDPA to its math
+    backend, which draws the dropout mask of the probabilities with the same generator calls as the reference,
+    so a seeded run drops the same entries.
+    """
+    attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
               dropout_p: float = 0.0, scale: Optional[float] = None) -> Tensor:
-    """The attention core (see `attention_reference`); Triton kernel or reference per `use_kernels`."""
+    """The attention core (see `attention_reference`): Triton kernel, SDPA (`fast_cpu_path`) or reference."""
     if _use_triton(q):
         from fastdetr.kernels import attention as attention_kernel
         return attention_kernel(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale)
+    if fast_cpu_path(q):
+        return attention_sdpa(q, k, v, key_padding_mask, dropout_p, scale)
     return attention_reference(q, k, v, key_padding_mask, dropout_p, scale)
 
 

@@ -44,7 +44,7 @@ from .report import format_table, per_class_ap, suggested_threshold
 from .engine import evaluate, train_one_epoch
 from .inference import load_file
 from .misc import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
-from .ops import MODES, use_kernels
+from .ops import MODES, kernel_mode, use_kernels
 from .validate import (UsageError, changed_hyperparameters, check_args, check_datasets, check_free_space,
                        check_output_dir, check_resumed_epochs, given_flags, take_architecture)
 
@@ -416,7 +416,7 @@ def run(args):
     model, criterion, postprocessors = build.build_model(args)
     check_free_space(model, output_dir if is_main_process() and not args.eval else None)
     model.to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" or kernel_mode() == "auto":  # on CPU oneDNN's convolutions run faster so too
         model.to(memory_format=torch.channels_last)
     model_without_ddp = model
     if args.distributed:

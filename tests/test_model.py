@@ -167,10 +167,10 @@ def test_use_kernels_call_and_context_manager():
         fastdetr.use_kernels("fast")
 
 
-def test_auto_mode_keeps_cpu_tensors_on_the_reference_path():
+def test_auto_mode_runs_cpu_tensors_through_sdpa():
     x = torch.randn(2, 3, 5, 8)
     with fastdetr.use_kernels("auto"):
-        assert torch.equal(ops.attention(x, x, x), ops.attention_reference(x, x, x))
+        assert torch.equal(ops.attention(x, x, x), ops.attention_sdpa(x, x, x))
 
 
 def official_checkpoint(model, tmp_path):
