@@ -348,10 +348,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, Mask, LSE, Delta, DK, DV, Seed,
         p_t = tl.where(valid[:, None], tl.math.exp2(qk_t - lse[None, :]), 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            if do.dtype == tl.float32:
-                # generating the bits transposed needs more registers: at head dim 64 the fp32 kernel would spill
+            if do.dtype == tl.float32 or BLOCK_N < 64:
+                # philox_keep_t saves two layout round trips on 64-key tiles but needs more registers: it
+                # spills in the fp32 kernel at head dim 64 (sm_80) and, with triton 3.6, on 32x32 tiles at head
+                # dim 16 (sm_90), where it saves nothing anyway (sm_90 SASS: 432 against 426)
                 keep = tl.trans(philox_keep(seed, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N))
-            else:  # one layout conversion of the bits instead of three
+            else:
                 keep = philox_keep_t(seed, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N)
             dv += tl.dot(drop(keep, p_t, do.dtype), do, input_precision=DOT_PRECISION)
             dp_t = tl.where(keep, dp_t, 0.0)
