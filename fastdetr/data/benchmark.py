@@ -35,8 +35,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -48,20 +46,15 @@ import torchvision
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from ..official import OFFICIAL, cache_root, install_official, official_imports
 from . import collate_fn, collate_uint8
 from .coco import CocoDetection
 from .transforms import IMAGENET_STD, make_coco_transforms
 
 SIZES = ("640x480", "1280x960")  # COCO's most common size, and twice it
-OFFICIAL = "detr==0.1.4"
 # what is timed: the training or validation pipeline up to the batch, or only decoding (and the target's
 # preparation) without transforms or collate
 WORK = ("train", "val", "decode")
-_OFFICIAL_PACKAGES = ("datasets", "util", "models")  # its top-level names, which clash with other packages'
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FASTDETR_CACHE", Path.home() / ".cache" / "fastdetr"))
 
 
 def file_sizes(text: str) -> List[Tuple[int, int]]:
@@ -114,44 +107,9 @@ def make_files(root: Path, sizes: Sequence[Tuple[int, int]], count: int, seed: i
     return root
 
 
-def install_official(spec: str, cache: Path) -> Path:
-    """The official DETR (`spec`: a pip requirement or wheel) installed into its own folder, never into the
-    environment: its packages are named datasets, util and models."""
-    target = cache / "official-detr"
-    if not (target / "datasets" / "transforms.py").exists():
-        print(f"installing {spec} into {target} (--no-deps) ...", flush=True)
-        run = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
-                              spec], capture_output=True, text=True)
-        if run.returncode != 0:
-            raise SystemExit(f"--official {spec}: pip could not install it ({run.stderr.strip()[-400:]}); offline, "
-                             "pass the wheel's path: --official path/to/detr-0.1.4-py3-none-any.whl")
-    return target
-
-
-@contextlib.contextmanager
-def _official_imports(target: Path):
-    """Import from `target` with its packages first on the path; the modules imported are dropped from
-    sys.modules afterwards (the objects stay usable), so that another `datasets` or `util` is not shadowed."""
-    saved_path = list(sys.path)
-    saved = {n: sys.modules.pop(n) for n in list(sys.modules) if n.split(".")[0] in _OFFICIAL_PACKAGES}
-    version = torchvision.__version__
-    # util/misc.py tests float(torchvision.__version__[:3]) < 0.7, which reads "0.29.1" as 0.2 and then imports
-    # helpers torchvision no longer has; it is only read at import time
-    torchvision.__version__ = "0.7"
-    sys.path.insert(0, str(target))
-    try:
-        yield
-    finally:
-        torchvision.__version__ = version
-        sys.path[:] = saved_path
-        for name in [n for n in sys.modules if n.split(".")[0] in _OFFICIAL_PACKAGES]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-
-
 def official_pipelines(target: Path, root: Path):
     """{work: (dataset, collate)} of the official code, and its version."""
-    with _official_imports(target):
+    with official_imports(target):
         coco = importlib.import_module("datasets.coco")
         misc = importlib.import_module("util.misc")
     versions = sorted(p.name for p in target.glob("detr-*.dist-info"))
