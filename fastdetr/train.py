@@ -36,7 +36,8 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 from . import build
 from .checkpoint import CheckpointError, check_optimizer_state, load_checkpoint, save_checkpoint
 from .data import DataError, build_dataset, collate_uint8, make_synthetic_coco
-from .data.batching import GroupedBatchSampler, aspect_ratio_bins, aspect_ratio_groups, image_aspect_ratios
+from .data.batching import (BatchScaleSampler, GroupedBatchSampler, aspect_ratio_bins, aspect_ratio_groups,
+                            image_aspect_ratios)
 from .data.coco import split_paths
 from .data.transforms import AUGMENTATIONS
 from .progress import RunClock
@@ -130,6 +131,11 @@ def get_args_parser():
                      help="batch training images of like width / height (torchvision's grouping, from the annotated "
                           "sizes): k >= 1 makes 2k + 2 groups, 0 two (portrait, landscape), -1 none (the official "
                           "recipe); less padding in a batch, less computed on it")
+    own.add_argument("--batch_scale", action="store_true",
+                     help="draw the paper augmentation's scale choices (crop or not, the 400/500/600 resize before a "
+                          "crop, the 480..800 short side) once per training batch, not per image: each image's "
+                          "choices keep the paper's distribution, a batch's images share them, so far less padding "
+                          "(most with --aspect_ratio_group_factor); off: the official recipe. Needs --augment paper")
     own.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines (logs)")
     own.add_argument("--synthetic_train", default=1600, type=int, help="synthetic training images (no --coco_path)")
     own.add_argument("--synthetic_val", default=200, type=int, help="synthetic validation images (no --coco_path)")
@@ -259,6 +265,8 @@ def make_loaders(args, dataset_train, dataset_val):
                 f"{[groups.count(g) for g in range(len(bins) + 1)]} images")
         else:
             batch_sampler = BatchSampler(sampler_train, args.batch_size, drop_last=True)
+        if args.batch_scale:  # the same draws on every process: seeded by --seed and the epoch, not the rank
+            batch_sampler = BatchScaleSampler(batch_sampler, seed=args.seed)
         loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler,
                                   collate_fn=collate_uint8, num_workers=args.num_workers, pin_memory=pin)
     loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
@@ -470,6 +478,8 @@ def run(args):
     for epoch in range(args.start_epoch, args.epochs):
         if args.distributed:
             sampler_train.set_epoch(epoch)
+        if args.batch_scale:
+            loader_train.batch_sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
                                       args.amp, scaler, args.print_freq, clock, args.epochs,
                                       token_stride=16 if args.dilation else 32)

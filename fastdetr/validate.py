@@ -63,6 +63,10 @@ def check_args(args) -> str:
     if factor < -1:
         raise UsageError(f"--aspect_ratio_group_factor {factor}: must be -1 (no grouping, the default), 0 (portrait "
                          "and landscape batches) or k >= 1 (2k + 2 groups of width / height)")
+    if getattr(args, "batch_scale", False) and getattr(args, "augment", "paper") != "paper":
+        raise UsageError(f"--batch_scale shares the multi-scale draws of --augment paper within a batch; --augment "
+                         f"{args.augment} draws no scale (every image at --min_size): pass --augment paper or drop "
+                         "--batch_scale")
     if args.max_size < args.min_size:
         raise UsageError(f"--max_size {args.max_size} is below --min_size {args.min_size}")
     if args.resume and args.finetune:

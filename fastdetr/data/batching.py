@@ -4,13 +4,15 @@
 DETR pads every batch to its largest height and width; a landscape and a portrait photo in one batch leave about a
 quarter of the canvas as padding, on which the backbone, the encoder and the cross-attention still compute. Grouping
 images by their annotated width / height before batching removes that part; the multi-scale resize and the random
-crop of the paper's augmentation draw per image, so some padding stays.
+crop of the paper's augmentation draw per image, so most padding stays unless `BatchScaleSampler` draws those
+choices once per batch (`--batch_scale`).
 """
 import bisect
 import math
+import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Sampler
 
 from .coco import DataError
+from .transforms import ScaleDraw
 
 
 def aspect_ratio_bins(factor: int) -> List[float]:
@@ -93,6 +96,40 @@ class GroupedBatchSampler(Sampler):
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+class ScaledIndex(NamedTuple):
+    """A dataset index with its batch's multi-scale draw (CocoDetection takes it as it takes an index)."""
+    index: int
+    draw: ScaleDraw
+
+
+class BatchScaleSampler(Sampler):
+    """The batches of `batch_sampler` with one ScaleDraw per batch: yields [ScaledIndex(index, draw), ...], every
+    image of a batch at the same paper scale choices (`--batch_scale`); flips and crop boxes stay per image.
+
+    The draws come from a random.Random of their own, seeded by (`seed`, epoch): every process of a distributed run
+    draws the same scales, so its steps stay the same size as the others', --resume replays an epoch's draws, and
+    torch's and Python's global streams are left alone (the images and their order are those without it). Call
+    set_epoch at each epoch, as for DistributedSampler. The draws travel with the indices into loader workers.
+    """
+
+    def __init__(self, batch_sampler, seed: int = 0):
+        self.batch_sampler = batch_sampler
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        rng = random.Random(f"fastdetr batch scale {self.seed} {self.epoch}")  # str seeds: the same in every process
+        for batch in self.batch_sampler:
+            draw = ScaleDraw.sample(rng)
+            yield [ScaledIndex(index, draw) for index in batch]
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
 
 
 def padding_counts(mask: torch.Tensor, stride: int = 32) -> Tuple[torch.Tensor, int, int]:

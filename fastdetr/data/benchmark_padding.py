@@ -1,12 +1,14 @@
-"""Padding of DETR's training batches with and without aspect-ratio grouping, on COCO-like image sizes (no model,
-no images: the sizes the training transforms give are drawn, the batches padded as collate pads them).
+"""Padding of DETR's training batches with and without aspect-ratio grouping and batch scale draws, on COCO-like
+image sizes (no model, no images: the sizes the training transforms give are drawn, the batches padded as collate
+pads them).
 
     python -m fastdetr.benchmark --padding                      # batch 2, 4, 8; no grouping, factor 0 and 3
     python -m fastdetr.benchmark --padding --annotations instances_train2017.json   # the sizes of a real dataset
 
 Each configuration batches the same images in the same sampler order (RandomSampler, one seed) with
-BatchSampler(drop_last=True) or GroupedBatchSampler, and reports the padded fraction of pixels and of encoder tokens
-(stride-32 positions) over the epoch, as the training log does.
+BatchSampler(drop_last=True) or GroupedBatchSampler, with each image's scale choices drawn per image (the paper) or
+per batch (BatchScaleSampler, `--batch_scale`, paper augmentation only), and reports the padded fraction of pixels
+and of encoder tokens (stride-32 positions) over the epoch, as the training log does.
 """
 import argparse
 import json
@@ -19,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, RandomSampler
 
-from .batching import GroupedBatchSampler, aspect_ratio_groups, padding_counts
-from .transforms import get_size
+from .batching import BatchScaleSampler, GroupedBatchSampler, aspect_ratio_groups
+from .transforms import PAPER_CROP_RESIZES, PAPER_SCALES, ScaleDraw, get_size
 
 # (width, height, share) of photos like COCO train2017's: 4:3 and 3:2 landscapes dominate, about a quarter are
 # portraits, a few are square or wide. Approximate shares (no COCO file here); --annotations takes a real file's.
@@ -47,26 +49,32 @@ def annotation_sizes(path: str) -> List[Tuple[int, int]]:
 
 
 def augmented_size(width: int, height: int, rng: random.Random, min_size: int = 800, max_size: int = 1333,
-                   augment: str = "paper") -> Tuple[int, int]:
+                   augment: str = "paper", draw: Optional[ScaleDraw] = None) -> Tuple[int, int]:
     """(height, width) of an image after the training transforms (fastdetr.data.transforms.make_coco_transforms):
     "paper" is the multi-scale resize, or with probability 1/2 a 400..600 resize, a random 384..600 crop and the
-    multi-scale resize; "flip" resizes to min_size only."""
+    multi-scale resize, those choices from `draw` when given (the crop size always from `rng`); "flip" resizes to
+    min_size only."""
     if augment == "flip":
         return get_size((width, height), min_size, max_size)
     scale = min_size / 800
-    scales = [round(s * scale) for s in range(480, 801, 32)]
-    if rng.random() < 0.5:
-        return get_size((width, height), rng.choice(scales), max_size)
-    h, w = get_size((width, height), rng.choice([round(s * scale) for s in (400, 500, 600)]))
+    scales = [round(s * scale) for s in PAPER_SCALES]
+
+    def choose(sizes, field):
+        return rng.choice(sizes) if draw is None else sizes[getattr(draw, field)]
+
+    if (rng.random() < 0.5) if draw is None else draw.branch == 0:
+        return get_size((width, height), choose(scales, "scale"), max_size)
+    h, w = get_size((width, height), choose([round(s * scale) for s in PAPER_CROP_RESIZES], "crop_resize"))
     low, high = round(384 * scale), round(600 * scale)
     crop_w, crop_h = rng.randint(min(low, w), min(w, high)), rng.randint(min(low, h), min(h, high))
-    return get_size((crop_w, crop_h), rng.choice(scales), max_size)
+    return get_size((crop_w, crop_h), choose(scales, "scale"), max_size)
 
 
 def padded_fractions(sizes: Sequence[Tuple[int, int]], batch_size: int, factor: int, augment: str, seed: int,
-                     stride: int = 32) -> Tuple[float, float, int]:
+                     stride: int = 32, batch_scale: bool = False) -> Tuple[float, float, int]:
     """(padded fraction of pixels, of tokens, batches) over one epoch of `sizes` (width, height) batched without
-    grouping (factor < 0) or grouped with `factor`."""
+    grouping (factor < 0) or grouped with `factor`, the scale choices drawn per image or with `batch_scale` per
+    batch."""
     generator = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(range(len(sizes)), generator=generator)
     if factor < 0:
@@ -74,10 +82,11 @@ def padded_fractions(sizes: Sequence[Tuple[int, int]], batch_size: int, factor: 
     else:
         groups = aspect_ratio_groups([w / h for w, h in sizes], factor)
         batches = GroupedBatchSampler(sampler, groups, batch_size, drop_last=True)
+    batches = BatchScaleSampler(batches, seed) if batch_scale else ([(i, None) for i in b] for b in batches)
     rng = random.Random(seed)
     padded_pixels = padded_tokens = pixels = tokens = count = 0
     for batch in batches:
-        heights, widths = zip(*(augmented_size(*sizes[i], rng, augment=augment) for i in batch))
+        heights, widths = zip(*(augmented_size(*sizes[i], rng, augment=augment, draw=d) for i, d in batch))
         (rows, valid_rows), (cols, valid_cols) = (_valid_positions(v, stride) for v in (heights, widths))
         canvas, grid = max(heights) * max(widths), rows * cols
         padded_pixels += len(batch) * canvas - sum(h * w for h, w in zip(heights, widths))
@@ -119,18 +128,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     source = args.annotations or f"{len(sizes)} COCO-like sizes (fastdetr.data.benchmark_padding.COCO_LIKE)"
     print(f"Padded fraction of pixels / of encoder tokens (stride 32) over one epoch of {source}; "
           f"sampler seed {args.seed}")
-    header = ["augment", "batch", "no grouping"] + [f"factor {k}" for k in args.factors] + \
-             [f"tokens ratio, factor {k}" for k in args.factors]
+    # (aspect-ratio group factor or -1, batch scale): grouping alone, then the batch scale alone and with grouping
+    configs = [(k, False) for k in args.factors] + [(k, True) for k in [-1] + args.factors]
+    names = [("no grouping" if k < 0 else f"factor {k}") + (" + batch scale" if scaled else "")
+             for k, scaled in configs]
+    header = ["augment", "batch", "no grouping", *names, *(f"tokens ratio, {n}" for n in names)]
     rows = []
     for augment in args.augment:
         for batch_size in args.batch_sizes:
             if batch_size > len(sizes):
                 continue
             base = padded_fractions(sizes, batch_size, -1, augment, args.seed)
-            grouped = [padded_fractions(sizes, batch_size, k, augment, args.seed) for k in args.factors]
+            # "flip" draws no scale: there is nothing for the batch to share
+            measured = [padded_fractions(sizes, batch_size, k, augment, args.seed, batch_scale=scaled)
+                        if augment == "paper" or not scaled else None for k, scaled in configs]
             rows.append([augment, str(batch_size), f"{base[0]:.1%} / {base[1]:.1%}",
-                         *(f"{g[0]:.1%} / {g[1]:.1%}" for g in grouped),
-                         *(f"{g[1] / base[1]:.2f}" if base[1] else "-" for g in grouped)])
+                         *(f"{m[0]:.1%} / {m[1]:.1%}" if m else "-" for m in measured),
+                         *(f"{m[1] / base[1]:.2f}" if m and base[1] else "-" for m in measured)])
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     print("\n".join("| " + " | ".join(r) + " |" for r in rows))
     return 0

@@ -35,7 +35,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
-from .transforms import make_coco_transforms, pixels_last
+from .transforms import DRAW_KEY, make_coco_transforms, pixels_last
 
 
 class DataError(RuntimeError):
@@ -141,7 +141,9 @@ def _validate_coco(dataset, ann_file) -> None:
 
 
 class CocoDetection(torchvision.datasets.CocoDetection):
-    """COCO images with targets in the official DETR format, after `transforms` (a callable on (image, target))."""
+    """COCO images with targets in the official DETR format, after `transforms` (a callable on (image, target)).
+    An item is taken by index, or by an (index, ScaleDraw) pair (BatchScaleSampler): the transforms then make the
+    draw's multi-scale choices instead of drawing their own."""
 
     def __init__(self, img_folder, ann_file, transforms=None, skip_bad_images: bool = False):
         try:
@@ -184,11 +186,15 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         raise DataError(f"{self.ann_file}: none of its images can be read")
 
     def __getitem__(self, idx):
+        idx, draw = idx if isinstance(idx, tuple) else (idx, None)
         image_id, image = self._readable(idx)
         target = {"image_id": image_id, "annotations": self._load_target(image_id)}
         image, target = self.prepare(image, target)
+        if draw is not None:
+            target[DRAW_KEY] = draw  # read by the transforms, not part of the sample
         if self._transforms is not None:
             image, target = self._transforms(image, target)
+        target.pop(DRAW_KEY, None)
         return image, target
 
 

@@ -17,8 +17,14 @@ and box bookkeeping come from torchvision.transforms.v2 with ``tv_tensors.Boundi
 On uint8 tensors the bilinear resize (antialiased) is torch's, 3-4x faster than PIL's; the two round some pixels
 differently (measured on photo-like JPEGs: by 1 of 255 on 0.2 % of the values of 640x480 files, by up to 2 on 1 to
 2.3 % when 1280x960 files are shrunk; benchmarks/RESULTS.md); sizes, boxes and crops are the same.
+
+The paper's multi-scale choices (crop or not, the 400/500/600 resize before a crop, the 480..800 short side) are
+drawn per image from `random` and torch, as the official code draws them, unless the target carries a `ScaleDraw`
+under DRAW_KEY (`--batch_scale`: one draw per batch, fastdetr.data.batching.BatchScaleSampler); then they are the
+draw's. Flips and crop boxes are drawn per image either way.
 """
 import random
+from dataclasses import dataclass
 
 import torch
 from torchvision import tv_tensors
@@ -94,16 +100,57 @@ def crop(image, target, region):
     return image, target
 
 
-class RandomResize:
-    """Resize the short side to a size drawn from `sizes`, long side at most about `max_size`."""
+# The paper's choices at min_size 800 (make_coco_transforms scales them by min_size / 800).
+PAPER_SCALES = tuple(range(480, 801, 32))
+PAPER_CROP_RESIZES = (400, 500, 600)
+DRAW_KEY = "scale_draw"
 
-    def __init__(self, sizes, max_size=None):
+
+@dataclass(frozen=True)
+class ScaleDraw:
+    """The paper's multi-scale choices for the images of one batch (`--batch_scale`), as indices (min_size rescales
+    the lists, not the draw): `branch` 0 resizes to PAPER_SCALES[scale]; 1 resizes to
+    PAPER_CROP_RESIZES[crop_resize], crops a box drawn per image, then resizes to PAPER_SCALES[scale]."""
+    branch: int
+    crop_resize: int
+    scale: int
+
+    @classmethod
+    def sample(cls, rng: random.Random) -> "ScaleDraw":
+        """Each choice uniform and independent, as the per-image draws are (v2.RandomChoice's two branches at 1/2
+        each, random.choice over the sizes): an image's choices have the paper's distribution whichever batch it
+        lands in."""
+        return cls(rng.randrange(2), rng.randrange(len(PAPER_CROP_RESIZES)), rng.randrange(len(PAPER_SCALES)))
+
+
+def drawn(inputs):
+    """The ScaleDraw an (image, target) pair carries, else None."""
+    target = inputs[1] if len(inputs) > 1 else None
+    return target.get(DRAW_KEY) if isinstance(target, dict) else None
+
+
+class RandomResize:
+    """Resize the short side to a size drawn from `sizes`, long side at most about `max_size`; with `draw_field`,
+    to sizes[that field of the target's ScaleDraw] when it carries one (`sizes` then as long as its list)."""
+
+    def __init__(self, sizes, max_size=None, draw_field=None):
         assert isinstance(sizes, (list, tuple))
         self.sizes = sizes
         self.max_size = max_size
+        self.draw_field = draw_field
 
     def __call__(self, image, target=None):
-        return resize(image, target, random.choice(self.sizes), self.max_size)
+        draw = drawn((image, target)) if self.draw_field else None
+        size = random.choice(self.sizes) if draw is None else self.sizes[getattr(draw, self.draw_field)]
+        return resize(image, target, size, self.max_size)
+
+
+class RandomBranch(v2.RandomChoice):
+    """v2.RandomChoice (the same torch draw), or the branch named by the target's ScaleDraw when it carries one."""
+
+    def forward(self, *inputs):
+        draw = drawn(inputs)
+        return super().forward(*inputs) if draw is None else self.transforms[draw.branch](*inputs)
 
 
 class RandomSizeCrop:
@@ -182,16 +229,16 @@ def make_coco_transforms(image_set: str, min_size: int = 800, max_size: int = 13
     if image_set == "train" and augment == "flip":
         return v2.Compose([v2.RandomHorizontalFlip(), RandomResize([min_size], max_size=max_size), finish])
     scale = min_size / 800
-    scales = [round(s * scale) for s in range(480, 801, 32)]
+    scales = [round(s * scale) for s in PAPER_SCALES]
     if image_set == "train":
         return v2.Compose([
             v2.RandomHorizontalFlip(),
-            v2.RandomChoice([
-                RandomResize(scales, max_size=max_size),
+            RandomBranch([
+                RandomResize(scales, max_size=max_size, draw_field="scale"),
                 v2.Compose([
-                    RandomResize([round(s * scale) for s in (400, 500, 600)]),
+                    RandomResize([round(s * scale) for s in PAPER_CROP_RESIZES], draw_field="crop_resize"),
                     RandomSizeCrop(round(384 * scale), round(600 * scale)),
-                    RandomResize(scales, max_size=max_size),
+                    RandomResize(scales, max_size=max_size, draw_field="scale"),
                 ]),
             ]),
             finish,
