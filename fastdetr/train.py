@@ -112,9 +112,13 @@ def get_args_parser():
     own.add_argument("--val_annotations", default=None, help="validation annotation file, as --train_annotations")
     own.add_argument("--val_images", default=None, help="validation image folder, as --train_images")
     own.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
-                     help="mixed precision (default: bf16 on CUDA, none on CPU)")
+                     help="mixed precision (default: bf16 on CUDA; none on CPU, where bf16 autocast ran 1.5-1.9x "
+                          "slower than fp32 on an AVX-512 Xeon without AMX: python -m fastdetr.benchmark --official "
+                          "--amp bf16 measures a CPU)")
     own.add_argument("--kernels", choices=MODES, default=None,
-                     help="Triton kernels or the PyTorch reference (default: FASTDETR_KERNELS, else auto)")
+                     help="auto: Triton kernels on CUDA, the fast PyTorch path on CPU (SDPA attention, channels-last "
+                          "backbone, BatchNorm folded where no gradient flows); triton; reference: the explicit "
+                          "PyTorch math (default: FASTDETR_KERNELS, else auto)")
     own.add_argument("--finetune", default="", help="start a new run from these weights (path or URL), with "
                                                     "their architecture; the class head is new when the class "
                                                     "count differs")

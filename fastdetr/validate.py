@@ -87,7 +87,7 @@ def check_args(args) -> str:
     if mode == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise UsageError(f"--kernels triton runs on CUDA devices, and --device is {args.device}; use --kernels "
-                             "auto (Triton on CUDA, the PyTorch reference elsewhere)")
+                             "auto (Triton on CUDA, the fast PyTorch path elsewhere)")
         if not ops.triton_available():
             raise UsageError("--kernels triton: Triton does not import here (pip install triton); use --kernels auto")
     return mode

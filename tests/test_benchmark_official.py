@@ -117,5 +117,5 @@ def test_end_to_end_on_the_stand_in(stand_in, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert {row["what"] for row in result["checks"]} == {"inference predictions", "training losses",
                                                          "training gradients"}
-    assert all(row["ok"] for row in result["checks"])
+    assert [row["ok"] for row in result["checks"]] == [True, True, None]  # gradients are shown, not judged
     assert set(result["train"]) == {"official", "fastdetr"} and result["inference"]["fastdetr"]["median_s"] > 0
