@@ -332,6 +332,12 @@ def resume_training(args, checkpoint, optimizer, lr_scheduler, scaler, device):
     applied to them and reported."""
     check_optimizer_state(optimizer, checkpoint["optimizer"], args.resume)
     optimizer.load_state_dict(checkpoint["optimizer"])
+    # fused AdamW walks a parameter and its moments in memory order: moments loaded in another layout than their
+    # (channels-last) parameter would be silently mismatched element by element
+    for parameter, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     changes = changed_hyperparameters(args, checkpoint)
     if changes.keys() - {"epochs"}:
