@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -69,46 +70,113 @@ def _run_fast(body: IntermediateLayerGetter, images: torch.Tensor) -> Dict[str, 
     return out
 
 
-# body -> {count: (version key, folded copies of its first `count` children)} (training folds fewer layers than
-# evaluation, and runs alternate): kept outside the module so state_dict, deepcopy and pickling never see the
-# copies, and dropped with the module.
-_FOLDED: "weakref.WeakKeyDictionary[nn.Module, Dict[int, Tuple[tuple, nn.ModuleDict]]]" = weakref.WeakKeyDictionary()
+# body -> {count: _FoldedPrefix} (training folds fewer layers than evaluation, and runs alternate): kept outside
+# the module so state_dict, deepcopy and pickling never see the copies, and dropped with the module.
+_FOLDED: "weakref.WeakKeyDictionary[nn.Module, Dict[int, _FoldedPrefix]]" = weakref.WeakKeyDictionary()
+
+# Optimizer steps taken in this process: fused optimizers (torch's fused AdamW among them) update parameters
+# without bumping their version counters, so the folded weights' staleness test counts steps as well.
+_optimizer_steps = 0
 
 
-def _folded(body: nn.ModuleDict, count: int) -> nn.ModuleDict:
-    """The first `count` children of `body` with BatchNorm folded (`fold_batchnorm`), channels-last; cached until
-    one of their weights or buffers changes (loading, .to(), an optimizer step)."""
-    prefix = nn.ModuleDict(list(body.items())[:count])
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _state_key(prefix: nn.ModuleDict) -> Optional[tuple]:
+    """What changes when a weight of `prefix` may have changed: storage, in-place writes (version counters),
+    optimizer steps; None for weights made under torch.inference_mode, which have no version counter."""
     try:
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (*prefix.parameters(), *prefix.buffers()))
-    except RuntimeError:  # weights made under torch.inference_mode have no version counter: fold every call
-        key = None
-    cached = _FOLDED.get(body, {}).get(count)
-    if key is not None and cached is not None and cached[0] == key:
-        return cached[1]
-    with torch.inference_mode(False), torch.no_grad():
-        folded = fold_batchnorm(prefix).to(memory_format=torch.channels_last)
-    if key is not None:
-        _FOLDED.setdefault(body, {})[count] = (key, folded)
-    return folded
+        versions = tuple((t.data_ptr(), t._version) for t in (*prefix.parameters(), *prefix.buffers()))
+    except RuntimeError:
+        return None
+    return _optimizer_steps, versions
+
+
+class _FoldedPrefix:
+    """The first `count` children of a body with BatchNorm folded: the structure copied once, the folded weights
+    recomputed from the live ones whenever `_state_key` says they may have changed (a multiply per weight:
+    about 15 % of a ResNet-50 backbone forward on this CPU, so not on every call). Writing weights through
+    `.data`, which bumps no version counter, is not seen."""
+
+    def __init__(self, prefix: nn.ModuleDict):
+        self.sources = _module_ids(prefix)
+        self.layout = tuple((t.dtype, t.device) for t in prefix.parameters())
+        with torch.inference_mode(False), torch.no_grad():
+            self.modules, self.pairs = _fold(prefix)
+            self.modules.to(memory_format=torch.channels_last)
+        self.key = _state_key(prefix)
+        refreshed = {id(t) for folded, _, _ in self.pairs for t in (folded.weight, folded.bias)}
+        # anything else with a state in the copy would go stale
+        self.complete = not any(id(t) not in refreshed for t in (*self.modules.parameters(), *self.modules.buffers()))
+
+    def matches(self, prefix: nn.ModuleDict) -> bool:
+        return (_module_ids(prefix) == self.sources
+                and tuple((t.dtype, t.device) for t in prefix.parameters()) == self.layout)
+
+    def current(self, prefix: nn.ModuleDict) -> nn.ModuleDict:
+        key = _state_key(prefix)
+        if key is None or key != self.key:
+            with torch.inference_mode(False), torch.no_grad():
+                for folded, conv, bn in self.pairs:
+                    scale, shift = _scale_shift(bn)
+                    torch.mul(conv.weight, scale.reshape(-1, 1, 1, 1), out=folded.weight)
+                    folded.bias.copy_(shift if conv.bias is None else conv.bias * scale + shift)
+            self.key = key
+        return self.modules
+
+
+def _module_ids(prefix: nn.ModuleDict) -> tuple:
+    """Identities of the modules under `prefix` (not of the ModuleDict, made anew on each call)."""
+    return tuple(id(module) for child in prefix.values() for module in child.modules())
+
+
+def _folded(body: nn.ModuleDict, count: int) -> Dict[str, nn.Module]:
+    """The first `count` children of `body` with BatchNorm folded (`fold_batchnorm`), channels-last, from the
+    current weights; {} where a child holds state that folding would leave behind."""
+    prefix = nn.ModuleDict(list(body.items())[:count])
+    cached = _FOLDED.setdefault(body, {}).get(count)
+    if cached is None or not cached.matches(prefix):
+        cached = _FOLDED[body][count] = _FoldedPrefix(prefix)
+    return cached.current(prefix) if cached.complete else {}
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
     """A copy of a torchvision ResNet (or of some of its layers) with every convN/bnN pair and downsample
     (conv, bn) folded into one convolution with a bias: conv(x, w * s) + (b - mean * s), s = weight / sqrt(var +
     eps). For inference only: the copy's weights are new tensors, which no gradient reaches."""
-    module = copy.deepcopy(module)
-    for parent in list(module.modules()):
-        pairs = [(f"conv{i}", f"bn{i}") for i in range(1, 4)]
+    return _fold(module)[0]
+
+
+def _fold(module: nn.Module) -> Tuple[nn.Module, List[Tuple[nn.Conv2d, nn.Conv2d, nn.Module]]]:
+    """fold_batchnorm's copy and its (folded conv, source conv, source BatchNorm) triples."""
+    copied = copy.deepcopy(module)
+    pairs = []
+    for source, parent in list(zip(module.modules(), copied.modules())):
+        names = [(f"conv{i}", f"bn{i}") for i in range(1, 4)]
         if isinstance(parent, nn.Sequential) and len(parent) == 2:
-            pairs.append(("0", "1"))
-        for conv_name, bn_name in pairs:
-            conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
-            scale_shift = _scale_shift(bn)
-            if isinstance(conv, nn.Conv2d) and scale_shift is not None:
-                setattr(parent, conv_name, _folded_conv(conv, *scale_shift))
+            names.append(("0", "1"))
+        for conv_name, bn_name in names:
+            conv, bn = getattr(source, conv_name, None), getattr(source, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and _scale_shift(bn) is not None:
+                folded = copy.deepcopy(conv)
+                weight, bias = _folded_weights(conv, bn)
+                folded.weight = nn.Parameter(weight, requires_grad=False)
+                folded.bias = nn.Parameter(bias, requires_grad=False)
+                setattr(parent, conv_name, folded)
                 setattr(parent, bn_name, nn.Identity())
-    return module
+                pairs.append((folded, conv, bn))
+    return copied, pairs
+
+
+def _folded_weights(conv: nn.Conv2d, bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    scale, shift = _scale_shift(bn)
+    return (conv.weight * scale.reshape(-1, 1, 1, 1),
+            shift if conv.bias is None else conv.bias * scale + shift)
 
 
 def _scale_shift(bn: Optional[nn.Module]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -124,14 +192,6 @@ def _scale_shift(bn: Optional[nn.Module]) -> Optional[Tuple[torch.Tensor, torch.
         return None
     scale = weight * (bn.running_var + bn.eps).rsqrt()  # FrozenBatchNorm2d's own expression
     return scale, bias - bn.running_mean * scale
-
-
-def _folded_conv(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Conv2d:
-    folded = copy.deepcopy(conv)
-    folded.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
-    bias = shift if conv.bias is None else conv.bias * scale + shift
-    folded.bias = nn.Parameter(bias, requires_grad=False)
-    return folded
 
 
 class Backbone(BackboneBase):

@@ -139,6 +139,30 @@ def test_folded_copy_follows_new_weights():
     _close(got, expected)
 
 
+def test_folded_copy_follows_an_optimizer_step():
+    """Fused AdamW changes weights without bumping their version counters: the evaluation after a training step
+    must still see the new weights."""
+    model, _ = _tiny(train_backbone_stem=True)
+    images = _images()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    with fastdetr.use_kernels("auto"):
+        for _ in range(2):
+            model.eval()
+            with torch.no_grad():
+                model(images)  # folds the whole backbone
+            model.train()
+            out = model(images)
+            optimizer.zero_grad()
+            (out["pred_logits"].sum() + out["pred_boxes"].sum()).backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            got = model(images)
+            with fastdetr.use_kernels("reference"):
+                expected = model(images)
+    _close(got, expected)
+
+
 def test_fold_batchnorm_gives_the_same_outputs():
     model, _ = _tiny()
     body = model.backbone[0].body.eval()
