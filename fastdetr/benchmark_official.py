@@ -32,7 +32,7 @@ import torchvision
 from torch import nn
 
 from .build import RESNETS, build_model, default_args
-from .engine import AMP_DTYPES, train_step
+from .engine import AMP_DTYPES, _to_float, train_step
 from .misc import nested_tensor_from_tensor_list
 from .official import OFFICIAL, cache_root, install_official, load_official, official_dir
 
@@ -113,15 +113,6 @@ def official_train_step(model, criterion, optimizer, samples, targets) -> Dict[s
     return {"loss": losses.detach(), **{k: v.detach() for k, v in loss_dict.items()}}
 
 
-def _float(outputs):
-    """Model outputs in float32 (under autocast they are bf16/fp16), as fastdetr.engine gives them to the loss."""
-    if isinstance(outputs, dict):
-        return {k: _float(v) for k, v in outputs.items()}
-    if isinstance(outputs, list):
-        return [_float(v) for v in outputs]
-    return outputs.float()
-
-
 def losses_and_gradients(model, criterion, images, targets, seed: int, dtype: Optional[torch.dtype] = None):
     """One training forward and backward (dropout drawn from `seed`; no optimizer step): the losses (the
     weighted total as "loss") and {name: gradient}. `dtype`: an autocast type or None."""
@@ -129,7 +120,7 @@ def losses_and_gradients(model, criterion, images, targets, seed: int, dtype: Op
     torch.manual_seed(seed)
     with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
         outputs = model(images)
-    losses = criterion(_float(outputs), targets)
+    losses = criterion(_to_float(outputs), targets)
     losses["loss"] = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
     losses["loss"].backward()
     return ({k: v.detach() for k, v in losses.items()},
