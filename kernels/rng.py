@@ -39,10 +39,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-DECISIONS_PER_CALL = 16
-_BYTE_SHIFTS = (0, 8, 16, 24)
-
-
 def keep_threshold(p: float) -> int:
     """The 8-bit threshold (kept iff a random byte < threshold) for dropout probability p."""
     threshold = round(256 * (1.0 - p))
