@@ -9,7 +9,8 @@ instructions) decides 16 elements, where `tl.rand` spends a 10-round call on eac
 bits depend only on (seed, stream, row, column), never on tile shapes, so a backward kernel with other tiles, or
 transposed ones (`philox_keep_t`), regenerates exactly the forward's mask and nothing is stored. Column groups of
 16 must start at multiples of 16 in every tile (block sizes are multiples of 16). Attention and the FFN's output
-dropout use this mapping.
+dropout use this mapping. Philox4x32-7 passes BigCrush (Salmon et al., SC'11, the Random123 paper); the Random123
+default of 10 rounds buys margin that dropout does not need.
 
 Interleaved mapping (`philox_keep_interleaved`), for a site only one kernel generates (the FFN's hidden
 dropout, whose backward reads the mask back from h > 0): element (r, c) takes
@@ -18,8 +19,7 @@ dropout, whose backward reads the mask back from h > 0): element (r, c) takes
     stream, 0))
 
 so one call decides the 16 columns of a row that one thread holds in an MMA accumulator (columns 8 apart, in
-pairs), and the bits are born in the accumulator's layout: no shared-memory round trip. Philox4x32-7 passes BigCrush (Salmon et al.,
-SC'11, the Random123 paper); the Random123 default of 10 rounds buys margin that dropout does not need.
+pairs), and the bits are born in the accumulator's layout: no shared-memory round trip.
 
 Quantisation. An 8-bit comparison keeps with probability threshold / 256, threshold = round(256 (1 - p)):
 p = 0.1 keeps 230/256 = 0.8984 (an effective p of 0.1016). Kept values are scaled by 256 / threshold, the

@@ -10,7 +10,6 @@ from torchvision.ops import FrozenBatchNorm2d
 import fastdetr
 from fastdetr import backbone as backbone_module
 from fastdetr import ops
-from fastdetr.misc import nested_tensor_from_tensor_list
 
 
 def _qkv(batch=2, heads=3, lq=5, lk=9, dim=8, requires_grad=False):

@@ -6,7 +6,7 @@ import torch
 
 from fastdetr.build import build_model, default_args
 from fastdetr.checkpoint import save_checkpoint
-from fastdetr.export import ExportableDETR, example_inputs, export_onnx, export_program, main
+from fastdetr.export import example_inputs, export_onnx, export_program, main
 from fastdetr.postprocess import PostProcess
 from fastdetr.misc import NestedTensor
 

@@ -3,13 +3,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from fastdetr import build_model, default_args
+from fastdetr import build_model
 from fastdetr.build import get_args_parser as official_parser
 from fastdetr.data import build_dataset, collate_fn, make_synthetic_coco
 from fastdetr.engine import evaluate, train_one_epoch
