@@ -123,9 +123,9 @@ class _FoldedPrefix:
         if key is None or key != self.key:
             with torch.inference_mode(False), torch.no_grad():
                 for folded, conv, bn in self.pairs:
-                    scale, shift = _scale_shift(bn)
-                    torch.mul(conv.weight, scale.reshape(-1, 1, 1, 1), out=folded.weight)
-                    folded.bias.copy_(shift if conv.bias is None else conv.bias * scale + shift)
+                    weight, bias = _folded_weights(conv, bn)
+                    folded.weight.copy_(weight)
+                    folded.bias.copy_(bias)
             self.key = key
         return self.modules
 
