@@ -311,18 +311,21 @@ class HostCase:
     notes: str = ""
 
 
-def host_us(call: Callable[[], object], repeats: int = 200, rounds: int = 7) -> float:
-    """The fastest round's mean wall time of `call` in microseconds (after warm-up calls): on a shared machine
-    the other rounds measure the other jobs as well."""
-    for _ in range(20):
-        call()
-    means = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(repeats):
+def host_us(*calls: Callable[[], object], repeats: int = 200, rounds: int = 9) -> List[float]:
+    """Each call's mean wall time in microseconds, the fastest of `rounds` rounds of `repeats` calls (after
+    warm-up calls). The calls' rounds alternate, so that a machine shared with other jobs slows them alike; the
+    fastest round is the one least disturbed."""
+    for call in calls:
+        for _ in range(20):
             call()
-        means.append((time.perf_counter() - start) / repeats * 1e6)
-    return min(means)
+    best = [float("inf")] * len(calls)
+    for _ in range(rounds):
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                call()
+            best[i] = min(best[i], (time.perf_counter() - start) / repeats * 1e6)
+    return best
 
 
 @dataclass

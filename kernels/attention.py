@@ -38,10 +38,12 @@ under torch.compile or CUDA-graph capture, which take the static pick. Sequence 
 stride are `do_not_specialize`, so a new image size compiles nothing.
 
 Binding: eager calls go through a plain torch.autograd.Function (none at all without grad) whose host functions
-launch through kernels/launch.LeanLauncher (the compiled kernel reused without Triton's per-launch re-binding);
-under torch.compile the same host functions are the triton_ops `fastdetr::attention_fwd` and
-`fastdetr::attention_bwd`, their kernels wrapped by wrap_triton.
+launch through kernels/launch.LeanLauncher (the compiled kernel's launcher called directly, under one signature per
+host function: the dtypes, addresses modulo 16 and strides of what the caller passed, built once for the forward's
+launch and once for both backward launches); under torch.compile the same host functions are the triton_ops
+`fastdetr::attention_fwd` and `fastdetr::attention_bwd`, their kernels wrapped by wrap_triton.
 """
+import functools
 import os
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -51,9 +53,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._compat import wrap_triton
-from .launch import LeanLauncher
-from .rng import draw_seed, drop, keep_mask, keep_scale, keep_threshold, philox_keep, philox_keep_t
+from .launch import LeanLauncher, TracedLauncher, addresses, launch_meta
+from .rng import drop, keep_mask, keep_scale, keep_threshold, philox_keep, philox_keep_t, seed_or_draw
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -423,82 +424,95 @@ def choose_config(kernel: str, candidates: Tuple[KernelConfig, ...], key: tuple,
 
 # ------------------------------------------------------------------------------------------ host functions
 
-# The eager path's launchers; torch.compile's triton_ops pass wrap_triton instead.
-_LEAN = {kernel: LeanLauncher(kernel) for kernel in (_attn_fwd, _attn_bwd_dq, _attn_bwd_dkdv)}
+# The eager path's launchers; torch.compile's triton_ops pass the wrap_triton ones.
+class _Launchers(NamedTuple):
+    fwd: object
+    bwd_dq: object
+    bwd_dkdv: object
 
 
-def _mask_args(key_padding_mask: Optional[Tensor]) -> Tuple[Optional[Tensor], int, int]:
-    if key_padding_mask is None:
-        return None, 0, 0
-    return key_padding_mask, key_padding_mask.stride(0), key_padding_mask.stride(1)
+_LEAN = _Launchers(*map(LeanLauncher, (_attn_fwd, _attn_bwd_dq, _attn_bwd_dkdv)))
+_TRACED = _Launchers(*map(TracedLauncher, (_attn_fwd, _attn_bwd_dq, _attn_bwd_dkdv)))
 
 
+@functools.lru_cache(maxsize=None)
+def _meta(head_dim: int, cfg: KernelConfig, has_mask: bool, has_dropout: bool, fp32_precision: str) -> tuple:
+    """Constexprs and options of a launch of any of the three kernels."""
+    return launch_meta(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_MASK=has_mask,
+                       HAS_DROPOUT=has_dropout, DOT_PRECISION=fp32_precision, num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages)
+
+
+@functools.lru_cache(maxsize=None)
 def _dropout_args(dropout_p: float) -> Tuple[int, float]:
     if dropout_p == 0.0:
         return 0, 1.0
     return keep_threshold(dropout_p), keep_scale(dropout_p)
 
 
-def _lean(kernel):
-    return _LEAN[kernel]
-
-
 def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], seed: Optional[Tensor],
-             dropout_p: float, scale: float, fp32_precision: str, wrap=_lean) -> Tuple[Tensor, Tensor]:
+             dropout_p: float, scale: float, fp32_precision: str, launchers=_LEAN) -> Tuple[Tensor, Tensor]:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     out = torch.empty_like(q)
-    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    mask, stride_mb, stride_mn = _mask_args(key_padding_mask)
+    lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+    has_mask = key_padding_mask is not None
+    stride_mb, stride_mn = key_padding_mask.stride() if has_mask else (0, 0)
     threshold, dropout_scale = _dropout_args(dropout_p)
-    kernel = wrap(_attn_fwd)
+    kernel = launchers.fwd
+    q_strides, k_strides, v_strides, out_strides = q.stride(), k.stride(), v.stride(), out.stride()
+    # Everything the kernel may be specialised on; out and lse are fresh (aligned) allocations.
+    signature = (q.dtype, k.dtype, v.dtype, addresses(q, k, v, key_padding_mask, seed), q_strides, k_strides,
+                 v_strides, out_strides, stride_mn, H, max(Lq, Lk, stride_mb) >= 2**31)
 
     def launch(cfg):
-        kernel[(_cdiv(Lq, cfg.block_m), B * H)](
-            q, k, v, mask, out, lse, seed, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            stride_mb, stride_mn, H, Lq, Lk, scale, threshold, dropout_scale,
-            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_MASK=mask is not None,
-            HAS_DROPOUT=threshold > 0, DOT_PRECISION=fp32_precision, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+        kernel.launch_signed(signature, (_cdiv(Lq, cfg.block_m), B * H),
+                             _meta(D, cfg, has_mask, threshold > 0, fp32_precision),
+                             q, k, v, key_padding_mask, out, lse, seed, *q_strides, *k_strides, *v_strides,
+                             *out_strides, stride_mb, stride_mn, H, Lq, Lk, scale, threshold, dropout_scale)
 
     candidates = attention_config_candidates(D, q.dtype, fp32_precision)["fwd"]
-    key = (D, q.dtype, fp32_precision, threshold > 0, mask is not None)
+    key = (D, q.dtype, fp32_precision, threshold > 0, has_mask)
     launch(choose_config("fwd", candidates, key, B * H, Lq, Lk, launch, q.device))
     return out, lse
 
 
 def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               key_padding_mask: Optional[Tensor], seed: Optional[Tensor], dropout_p: float, scale: float,
-              fp32_precision: str, wrap=_lean) -> Tuple[Tensor, Tensor, Tensor]:
+              fp32_precision: str, launchers=_LEAN) -> Tuple[Tensor, Tensor, Tensor]:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     candidates = attention_config_candidates(D, q.dtype, fp32_precision)
-    mask, stride_mb, stride_mn = _mask_args(key_padding_mask)
+    has_mask = key_padding_mask is not None
+    stride_mb, stride_mn = key_padding_mask.stride() if has_mask else (0, 0)
     threshold, dropout_scale = _dropout_args(dropout_p)
-    flags = dict(HAS_MASK=mask is not None, HAS_DROPOUT=threshold > 0, DOT_PRECISION=fp32_precision)
-    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    delta = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    dq_kernel, dkdv_kernel = wrap(_attn_bwd_dq), wrap(_attn_bwd_dkdv)
+    dq_kernel, dkdv_kernel = launchers.bwd_dq, launchers.bwd_dkdv
+    q_strides, k_strides, v_strides, out_strides = q.stride(), k.stride(), v.stride(), out.stride()
+    do_strides, dq_strides, dk_strides, dv_strides = grad_out.stride(), dq.stride(), dk.stride(), dv.stride()
+    # One signature for both launches (each kernel's cache is its own); lse, delta, dq, dk and dv are fresh.
+    signature = (q.dtype, k.dtype, v.dtype, grad_out.dtype, addresses(q, k, v, out, grad_out, key_padding_mask, seed),
+                 q_strides, k_strides, v_strides, out_strides, do_strides, dq_strides, dk_strides, dv_strides,
+                 stride_mn, H, max(Lq, Lk, stride_mb) >= 2**31)
 
     def launch_dq(cfg):
-        dq_kernel[(_cdiv(Lq, cfg.block_m), B * H)](
-            q, k, v, out, grad_out, mask, lse, delta, dq, seed,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
-            stride_mb, stride_mn, H, Lq, Lk, scale, threshold, dropout_scale,
-            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+        dq_kernel.launch_signed(signature, (_cdiv(Lq, cfg.block_m), B * H),
+                                _meta(D, cfg, has_mask, threshold > 0, fp32_precision),
+                                q, k, v, out, grad_out, key_padding_mask, lse, delta, dq, seed, *q_strides,
+                                *k_strides, *v_strides, *out_strides, *do_strides, *dq_strides, stride_mb, stride_mn,
+                                H, Lq, Lk, scale, threshold, dropout_scale)
 
     def launch_dkdv(cfg):
-        dkdv_kernel[(_cdiv(Lk, cfg.block_n), B * H)](
-            q, k, v, grad_out, mask, lse, delta, dk, dv, seed,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-            stride_mb, stride_mn, H, Lq, Lk, scale, threshold, dropout_scale,
-            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+        dkdv_kernel.launch_signed(signature, (_cdiv(Lk, cfg.block_n), B * H),
+                                  _meta(D, cfg, has_mask, threshold > 0, fp32_precision),
+                                  q, k, v, grad_out, key_padding_mask, lse, delta, dk, dv, seed, *q_strides,
+                                  *k_strides, *v_strides, *do_strides, *dk_strides, *dv_strides, stride_mb, stride_mn,
+                                  H, Lq, Lk, scale, threshold, dropout_scale)
 
-    key = (D, q.dtype, fp32_precision, threshold > 0, mask is not None)
+    key = (D, q.dtype, fp32_precision, threshold > 0, has_mask)
     # dQ first: it stores the Delta that dK/dV reads.
     launch_dq(choose_config("bwd_dq", candidates["bwd_dq"], key, B * H, Lq, Lk, launch_dq, q.device))
     launch_dkdv(choose_config("bwd_dkdv", candidates["bwd_dkdv"], key, B * H, Lq, Lk, launch_dkdv, q.device))
@@ -509,17 +523,18 @@ class _Attention(torch.autograd.Function):
     """The eager binding: kernels launched directly, the fewest host steps per call."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, seed, dropout_p, scale, fp32_precision):
-        out, lse = _forward(q, k, v, key_padding_mask, seed, dropout_p, scale, fp32_precision)
+    def forward(ctx, q, k, v, key_padding_mask, seed, params):
+        """params: (dropout_p, scale, fp32_precision), one argument for apply to look through."""
+        out, lse = _forward(q, k, v, key_padding_mask, seed, *params)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
-        ctx.params = (dropout_p, scale, fp32_precision)
+        ctx.params = params
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
         dq, dk, dv = _backward(grad_out, q, k, v, out, lse, key_padding_mask, seed, *ctx.params)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None
 
 
 @triton_op("fastdetr::attention_fwd", mutates_args={})
@@ -527,7 +542,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
                   dropout_p: float, scale: float, fp32_precision: str) -> Tuple[Tensor, Tensor]:
     """Forward pass for torch.compile: (out [B, H, Lq, D] laid out like q, logsumexp [B, H, Lq] fp32 in base 2,
     less log2 of the dropout scale when dropout_p > 0: the backward kernels' row statistic)."""
-    return _forward(q, k, v, key_padding_mask, seed, dropout_p, scale, fp32_precision, wrap=wrap_triton)
+    return _forward(q, k, v, key_padding_mask, seed, dropout_p, scale, fp32_precision, launchers=_TRACED)
 
 
 @triton_op("fastdetr::attention_bwd", mutates_args={})
@@ -536,7 +551,7 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   fp32_precision: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward pass for torch.compile: (dq, dk, dv), each laid out like its input."""
     return _backward(grad_out, q, k, v, out, lse, key_padding_mask, seed, dropout_p, scale, fp32_precision,
-                     wrap=wrap_triton)
+                     launchers=_TRACED)
 
 
 def _setup_context(ctx, inputs, output):
@@ -572,22 +587,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k and v must be [B, H, L, D]")
     B, H, Lq, D = q.shape
-    if k.shape[:2] != (B, H) or k.shape[3] != D or v.shape != k.shape:
+    Bk, Hk, Lk, Dk = k.shape
+    if Bk != B or Hk != H or Dk != D or v.shape != k.shape:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
+    device = q.device
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
-                                         or key_padding_mask.shape != (B, k.shape[2])):
-        raise ValueError(f"key_padding_mask must be bool [B, Lk] = [{B}, {k.shape[2]}]")
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2
+                                         or key_padding_mask.shape[0] != B or key_padding_mask.shape[1] != Lk):
+        raise ValueError(f"key_padding_mask must be bool [B, Lk] = [{B}, {Lk}]")
     precision = _fp32_precision if fp32_precision is None else fp32_precision
     attention_config_candidates(D, q.dtype, precision)  # refuses what no kernel covers
     dropout_p = float(dropout_p)
     if dropout_p > 0.0:
-        keep_threshold(dropout_p)  # refuses a p the 8-bit bits cannot represent
-        seed = draw_seed(q.device) if seed is None else seed
+        _dropout_args(dropout_p)  # refuses a p the 8-bit bits cannot represent
+        seed = seed_or_draw(seed, device)
     elif dropout_p < 0.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     else:
@@ -597,7 +614,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
         return attention_fwd(q, k, v, key_padding_mask, seed, dropout_p, scale, precision)[0]
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return _forward(q, k, v, key_padding_mask, seed, dropout_p, scale, precision)[0]  # no autograd node
-    return _Attention.apply(q, k, v, key_padding_mask, seed, dropout_p, scale, precision)
+    return _Attention.apply(q, k, v, key_padding_mask, seed, (dropout_p, scale, precision))
 
 
 def attention_dropout_mask(batch: int, heads: int, lq: int, lk: int, dropout_p: float, seed: Tensor) -> Tensor:

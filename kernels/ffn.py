@@ -48,7 +48,8 @@ int64 device tensor drawn by the device's torch generator (`rng.draw_seed`): loa
 compile-time specialisation, no host synchronisation, the CPU generator untouched.
 
 Binding. Eager calls go through a plain torch.autograd.Function (inference calls, with grad disabled, straight
-to the host function) whose kernels launch through `kernels.launch.LeanLauncher`; under torch.compile the same
+to the host function) whose kernels launch through `kernels.launch.LeanLauncher`, under one signature per host
+function (`_forward_signature`, `_backward_signature`); under torch.compile the same
 host functions run inside the triton_ops fastdetr::ffn_fwd / ffn_bwd, with the kernels wrapped by wrap_triton.
 """
 import functools
@@ -60,9 +61,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._compat import wrap_triton
-from .launch import LeanLauncher
-from .rng import draw_seed, drop, keep_mask, keep_scale, keep_threshold, philox_keep, philox_keep_interleaved
+from .launch import LeanLauncher, TracedLauncher, addresses, launch_meta
+from .rng import drop, keep_mask, keep_scale, keep_threshold, philox_keep, philox_keep_interleaved, seed_or_draw
 
 MAX_D_MODEL = 512  # the LayerNorm epilogues hold a whole row in one tile.
 _D_BLOCKS = (16, 32, 64, 128, 256, 512)
@@ -429,14 +429,40 @@ def _sum_partials_kernel(
         _column_sums(block, rows123, N123, out3_ptr, pid, BLOCK_R, BLOCK_N)
 
 
-_LEAN = {kernel: LeanLauncher(kernel) for kernel in (_linear1_kernel, _linear2_kernel, _residual_rows_kernel,
-                                                     _layer_norm_fwd_kernel, _rows_bwd_kernel, _sum_partials_kernel)}
+_KERNELS = (_linear1_kernel, _linear2_kernel, _residual_rows_kernel, _layer_norm_fwd_kernel, _rows_bwd_kernel,
+            _sum_partials_kernel)
+# Keyed by name: a JITFunction's hash costs microseconds.
+_LAUNCHERS = {kernel.__name__: (LeanLauncher(kernel), TracedLauncher(kernel)) for kernel in _KERNELS}
 
 
 def _launcher(kernel, traced: bool):
     """The kernel as torch.compile needs to see it (wrap_triton) inside the triton_ops; on the eager path its
     `LeanLauncher` (no wrapper dispatch, no per-launch re-binding on the host)."""
-    return wrap_triton(kernel) if traced else _LEAN[kernel]
+    return _LAUNCHERS[kernel.__name__][traced]
+
+
+# Constexprs and options of each kernel's launches, built once per config (`launch_meta`).
+
+@functools.lru_cache(maxsize=None)
+def _linear1_meta(small: bool, kind: str, backward: bool, has_bias: bool, dropout: bool) -> tuple:
+    return launch_meta(BACKWARD=backward, HAS_BIAS=has_bias, DROPOUT=dropout,
+                       INPUT_PRECISION="ieee" if kind == "ieee" else "tf32", **_linear1_tiles(small, kind))
+
+
+@functools.lru_cache(maxsize=None)
+def _linear2_meta(block_d: int, kind: str, has_bias: bool, dropout: bool, layer_norm: bool) -> tuple:
+    return launch_meta(HAS_BIAS=has_bias, DROPOUT=dropout, LAYER_NORM=layer_norm,
+                       INPUT_PRECISION="ieee" if kind == "ieee" else "tf32", **_linear2_config(block_d, kind))
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_meta(block_d: int, **flags) -> tuple:
+    return launch_meta(**flags, **_rows_config(block_d))
+
+
+@functools.lru_cache(maxsize=None)
+def _sums_meta(has_b1: bool, has_b2: bool) -> tuple:
+    return launch_meta(HAS0=has_b1, HAS1=has_b2, **_SUMS_CONFIG)
 
 
 @functools.lru_cache(maxsize=None)
@@ -446,18 +472,36 @@ def _dropout_args(p: float) -> Tuple[int, float]:
 
 
 def _linear1(a: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, *, trans_b: bool, h: Optional[Tensor],
-             dbias_part: Optional[Tensor], seed: Optional[Tensor], p: float, traced: bool):
-    """out [M, N] = a [M, K] @ (weight^T if trans_b else weight) with linear1's epilogue (backward when h given)."""
+             dbias_part: Optional[Tensor], seed: Optional[Tensor], p: float, traced: bool, signature: tuple):
+    """out [M, N] = a [M, K] @ (weight^T if trans_b else weight) with linear1's epilogue (backward when h given);
+    signature: the calling host function's (`_forward_signature`, `_backward_signature`)."""
     M, K = a.shape
     N = out.shape[1]
     stride_bk, stride_bn = (weight.stride(1), weight.stride(0)) if trans_b else weight.stride()
     kind = _kind(weight.dtype)
     cfg = _linear1_config(M, kind)
     grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
-    _launcher(_linear1_kernel, traced)[grid](
-        a, weight, bias, h, out, dbias_part, seed, M, N, K, a.stride(0), a.stride(1), stride_bk, stride_bn,
-        _dropout_args(p)[0], BACKWARD=h is not None, HAS_BIAS=bias is not None, DROPOUT=p > 0.0 and h is None,
-        INPUT_PRECISION="ieee" if kind == "ieee" else "tf32", **cfg)
+    meta = _linear1_meta(M <= _SMALL_M, kind, h is not None, bias is not None, p > 0.0 and h is None)
+    _launcher(_linear1_kernel, traced).launch_signed(signature, grid, meta, a, weight, bias, h, out, dbias_part,
+                                                     seed, M, N, K, a.stride(0), a.stride(1), stride_bk, stride_bn,
+                                                     _dropout_args(p)[0])
+
+
+# A host function's launches share one signature (`LeanLauncher.launch_signed`): what the caller passed (dtypes,
+# addresses modulo 16, strides) and the sizes, which fix every other argument: the buffers the host function
+# allocates, the views into them and their strides. tests/test_launch_signatures.py checks that it determines
+# everything Triton specialises on.
+
+def _forward_signature(x, w1, b1, w2, b2, gamma, beta, seed, normalize_before, out_dtype) -> tuple:
+    return (x.dtype, w1.dtype, w2.dtype, gamma.dtype, beta.dtype, out_dtype, normalize_before,
+            addresses(x, w1, b1, w2, b2, gamma, beta, seed), x.shape, x.stride(), w1.shape, w1.stride(),
+            w2.stride(), None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
+
+
+def _backward_signature(g, x, w1, w2, gamma, h, saved, stats, seed, normalize_before, has_b1, has_b2) -> tuple:
+    return (g.dtype, x.dtype, w1.dtype, w2.dtype, gamma.dtype, saved.dtype, normalize_before, has_b1, has_b2,
+            addresses(g, x, w1, w2, gamma, h, saved, stats, seed), g.stride(), x.shape, x.stride(), w1.shape,
+            w1.stride(), w2.stride(), h.stride(), saved.stride())
 
 
 def _forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], gamma: Tensor,
@@ -472,15 +516,18 @@ def _forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Option
     M, D = x.shape
     hidden = w1.shape[0]
     dtype = w1.dtype
+    signature = _forward_signature(x, w1, b1, w2, b2, gamma, beta, seed, normalize_before, out_dtype)
     stats = torch.empty(M, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) per row
-    rows_cfg = _rows_config(_block_d(D))
-    rows_grid = (_cdiv(M, rows_cfg["BLOCK_M"]),)
+    block_d = _block_d(D)
+    rows_grid = (_cdiv(M, _rows_config(block_d)["BLOCK_M"]),)
     a = x
     if normalize_before:
         a = torch.empty(M, D, device=x.device, dtype=dtype)
-        _launcher(_layer_norm_fwd_kernel, traced)[rows_grid](x, gamma, beta, a, stats, M, D, eps, **rows_cfg)
+        _launcher(_layer_norm_fwd_kernel, traced).launch_signed(signature, rows_grid, _rows_meta(block_d), x, gamma,
+                                                                beta, a, stats, M, D, eps)
     h = torch.empty(M, hidden, device=x.device, dtype=dtype)
-    _linear1(a, w1, b1, h, trans_b=True, h=None, dbias_part=None, seed=seed, p=p, traced=traced)
+    _linear1(a, w1, b1, h, trans_b=True, h=None, dbias_part=None, seed=seed, p=p, traced=traced,
+             signature=signature)
 
     out = torch.empty(M, D, device=x.device, dtype=out_dtype)
     # Post-norm keeps z for the LayerNorm backward; pre-norm keeps linear1's input for dW1.
@@ -488,16 +535,16 @@ def _forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Option
     kind = _kind(dtype)
     threshold, scale = _dropout_args(p)
     if linear2_fused(M, D, kind, sm_count(x.device)):
-        cfg = _linear2_config(_block_d(D), kind)
-        _launcher(_linear2_kernel, traced)[(_cdiv(M, cfg["BLOCK_M"]),)](
+        grid = (_cdiv(M, _linear2_config(block_d, kind)["BLOCK_M"]),)
+        _launcher(_linear2_kernel, traced).launch_signed(
+            signature, grid, _linear2_meta(block_d, kind, b2 is not None, p > 0.0, not normalize_before),
             h, w2, b2, x, gamma, beta, out, z, stats, seed, M, D, hidden, h.stride(0), h.stride(1),
-            w2.stride(1), w2.stride(0), threshold, scale, eps, HAS_BIAS=b2 is not None, DROPOUT=p > 0.0,
-            LAYER_NORM=not normalize_before, INPUT_PRECISION="ieee" if kind == "ieee" else "tf32", **cfg)
+            w2.stride(1), w2.stride(0), threshold, scale, eps)
     else:
         y = torch.mm(h, w2.t())
-        _launcher(_residual_rows_kernel, traced)[rows_grid](
-            y, b2, x, gamma, beta, out, z, stats, seed, M, D, threshold, scale, eps, HAS_BIAS=b2 is not None,
-            DROPOUT=p > 0.0, LAYER_NORM=not normalize_before, **rows_cfg)
+        meta = _rows_meta(block_d, HAS_BIAS=b2 is not None, DROPOUT=p > 0.0, LAYER_NORM=not normalize_before)
+        _launcher(_residual_rows_kernel, traced).launch_signed(signature, rows_grid, meta, y, b2, x, gamma, beta,
+                                                               out, z, stats, seed, M, D, threshold, scale, eps)
     return out, h, z, stats
 
 
@@ -510,8 +557,9 @@ def _backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gamma: Tensor
     hidden = w1.shape[0]
     dtype = w1.dtype
     g = grad_out.contiguous()
-    rows_cfg = _rows_config(_block_d(D))
-    rows_blocks = _cdiv(M, rows_cfg["BLOCK_M"])
+    signature = _backward_signature(g, x, w1, w2, gamma, h, saved, stats, seed, normalize_before, has_b1, has_b2)
+    block_d = _block_d(D)
+    rows_blocks = _cdiv(M, _rows_config(block_d)["BLOCK_M"])
     l1_blocks = _cdiv(M, _linear1_config(M, _kind(dtype))["BLOCK_M"])
     # Every partial sum in one float32 workspace: [l1_blocks, hidden] (linear1 bias), then [3, rows_blocks, D]
     # (linear2 bias, LayerNorm weight and bias), as `_sum_partials_kernel` reads them.
@@ -523,26 +571,27 @@ def _backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gamma: Tensor
 
     dy = torch.empty(M, D, device=x.device, dtype=dtype)  # gradient at linear2's output (before dropout)
     if normalize_before:
-        rows_kernel[(rows_blocks,)](g, None, None, None, None, None, dy, part[part_rows:], seed, M, D, threshold,
-                                    scale, LAYER_NORM=False, RESIDUAL=False, EMIT_DY=True, DROPOUT=dropout,
-                                    **rows_cfg)
+        meta = _rows_meta(block_d, LAYER_NORM=False, RESIDUAL=False, EMIT_DY=True, DROPOUT=dropout)
+        rows_kernel.launch_signed(signature, (rows_blocks,), meta, g, None, None, None, None, None, dy,
+                                  part[part_rows:], seed, M, D, threshold, scale)
     else:
         dz = torch.empty(M, D, device=x.device, dtype=x.dtype)
-        rows_kernel[(rows_blocks,)](g, saved, gamma, stats, None, dz, dy, part[part_rows:], seed, M, D, threshold,
-                                    scale, LAYER_NORM=True, RESIDUAL=False, EMIT_DY=True, DROPOUT=dropout,
-                                    **rows_cfg)
+        meta = _rows_meta(block_d, LAYER_NORM=True, RESIDUAL=False, EMIT_DY=True, DROPOUT=dropout)
+        rows_kernel.launch_signed(signature, (rows_blocks,), meta, g, saved, gamma, stats, None, dz, dy,
+                                  part[part_rows:], seed, M, D, threshold, scale)
 
     dh = torch.empty(M, hidden, device=x.device, dtype=dtype)
-    _linear1(dy, w2, None, dh, trans_b=False, h=h, dbias_part=part, seed=None, p=p, traced=traced)
+    _linear1(dy, w2, None, dh, trans_b=False, h=h, dbias_part=part, seed=None, p=p, traced=traced,
+             signature=signature)
 
     a = saved if normalize_before else x.to(dtype)
     dw1 = torch.matmul(dh.t(), a)
     dw2 = torch.matmul(dy.t(), h)
     if normalize_before:
         dx = torch.empty_like(x)
-        rows_kernel[(rows_blocks,)](torch.matmul(dh, w1), x, gamma, stats, g, dx, None, part[part_rows:], None, M, D,
-                                    threshold, scale, LAYER_NORM=True, RESIDUAL=True, EMIT_DY=False, DROPOUT=False,
-                                    **rows_cfg)
+        meta = _rows_meta(block_d, LAYER_NORM=True, RESIDUAL=True, EMIT_DY=False, DROPOUT=False)
+        rows_kernel.launch_signed(signature, (rows_blocks,), meta, torch.matmul(dh, w1), x, gamma, stats, g, dx,
+                                  None, part[part_rows:], None, M, D, threshold, scale)
     else:
         # One cuBLAS call adds the residual gradient when the dtypes agree (no autocast).
         dx = torch.addmm(dz, dh, w1) if dz.dtype == dtype else dz.add_(torch.matmul(dh, w1))
@@ -550,10 +599,9 @@ def _backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gamma: Tensor
     db1 = torch.empty(hidden if has_b1 else 0, device=x.device, dtype=dtype)
     db2 = torch.empty(D if has_b2 else 0, device=x.device, dtype=dtype)
     dnorm = torch.empty(2, D, device=x.device, dtype=gamma.dtype)
-    cfg = _SUMS_CONFIG
-    grid = (_cdiv(max(hidden if has_b1 else 0, D), cfg["BLOCK_N"]), 4)
-    _launcher(_sum_partials_kernel, traced)[grid](part, db1, db2, dnorm[0], dnorm[1], l1_blocks, rows_blocks, hidden,
-                                                  D, HAS0=has_b1, HAS1=has_b2, **cfg)
+    grid = (_cdiv(max(hidden if has_b1 else 0, D), _SUMS_CONFIG["BLOCK_N"]), 4)
+    _launcher(_sum_partials_kernel, traced).launch_signed(signature, grid, _sums_meta(has_b1, has_b2), part, db1,
+                                                          db2, dnorm[0], dnorm[1], l1_blocks, rows_blocks, hidden, D)
     return dx, dw1, db1, dw2, db2, dnorm
 
 
@@ -650,8 +698,7 @@ def ffn(x: Tensor, linear1_weight: Tensor, linear1_bias: Optional[Tensor], linea
         seed = None
     else:
         keep_threshold(dropout_p)  # refuses a p the 8-bit bits cannot represent, before anything runs
-        if seed is None:
-            seed = draw_seed(x.device)
+        seed = seed_or_draw(seed, x.device)
     rows = x.reshape(-1, d_model).contiguous()
     args = (rows, *weights, norm_weight, norm_bias, seed, float(eps), float(dropout_p), normalize_before, out_dtype)
     if torch.compiler.is_compiling():

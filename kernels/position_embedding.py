@@ -15,6 +15,7 @@ reference. No randomness, no gradient.
 Binding. DETR computes the embedding once per forward (the backbone's Joiner) and the encoder and decoder share
 it; eager calls launch the kernel directly with no dispatch layer, the triton_op exists for torch.compile.
 """
+import functools
 import math
 from typing import List, Optional
 
@@ -23,8 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._compat import wrap_triton
-from .launch import LeanLauncher
+from .launch import LeanLauncher, TracedLauncher, launch_meta
 
 # One tile shape for every map size: H, W, B and F are runtime ints, so a new image size never recompiles.
 # 8 channel pairs keep it near 120 registers (16 pairs need ~230) for occupancy; the output write is the cost.
@@ -134,13 +134,18 @@ def _embed(mask: torch.Tensor, num_pos_feats: int, temperature: float, normalize
     grid = (_cdiv(H, cfg["BLOCK_H"]) * _cdiv(W, cfg["BLOCK_W"]), _cdiv(num_pos_feats, cfg["BLOCK_C"]),
             B)
     # torch.compile needs the kernel wrapped (inside the triton_op); eager launches skip Triton's binding.
-    kernel = wrap_triton(_position_embedding_sine_kernel) if traced else _LEAN
-    kernel[grid](mask, out, B, H, W, num_pos_feats, temperature, scale, NORMALIZE=normalize, FLATTEN=flatten,
-                 BLOCK_H=cfg["BLOCK_H"], BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    kernel = _TRACED if traced else _LEAN
+    kernel.launch(grid, _meta(normalize, flatten), mask, out, B, H, W, num_pos_feats, temperature, scale)
     return out
 
 
 _LEAN = LeanLauncher(_position_embedding_sine_kernel)
+_TRACED = TracedLauncher(_position_embedding_sine_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _meta(normalize: bool, flatten: bool) -> tuple:
+    return launch_meta(NORMALIZE=normalize, FLATTEN=flatten, **_CONFIG)
 
 
 @triton_op("fastdetr::position_embedding_sine", mutates_args={})

@@ -63,6 +63,18 @@ def draw_seed(device) -> Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
+def seed_or_draw(seed, device) -> Tensor:
+    """`seed` checked (the kernels read one int64 from it), or a fresh one from `draw_seed`."""
+    if seed is None:
+        return draw_seed(device)
+    if not isinstance(seed, Tensor):
+        raise ValueError(f"seed must be an int64 tensor on {device}, got {type(seed).__name__}")
+    if seed.dtype != torch.int64 or seed.numel() < 1 or seed.device != device:
+        raise ValueError(f"seed must be an int64 tensor of at least one element on {device}, got {seed.dtype} "
+                         f"{tuple(seed.shape)} on {seed.device}")
+    return seed
+
+
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     @triton.jit
     def _fp32_register(x):

@@ -195,6 +195,10 @@ def test_rejects_what_it_does_not_support():
         attention(q, k, v, fp32_precision="fast")
     with pytest.raises(ValueError):
         attention(q[..., :12], k[..., :12], v[..., :12])  # head dim 12
+    # the kernels read one int64 from the seed: another dtype, an empty tensor or a number is refused
+    for seed in (torch.zeros(1, dtype=torch.int32, device=DEVICE), torch.zeros(0, dtype=torch.int64, device=DEVICE), 7):
+        with pytest.raises(ValueError, match="seed must be an int64 tensor"):
+            attention(q, k, v, dropout_p=0.1, seed=seed)
 
 
 def test_ops_are_registered_for_torch_compile():

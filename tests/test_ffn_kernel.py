@@ -219,6 +219,12 @@ def test_wide_d_model_rejected():
         ffn(x, w1, b1, w2, b2, gamma, beta)
 
 
+def test_bad_seed_rejected():
+    inputs = [t.detach() for t in _params((3,), 32, 16)]
+    with pytest.raises(ValueError, match="seed must be an int64 tensor"):
+        ffn(*inputs, dropout_p=0.1, seed=torch.zeros(1, dtype=torch.int32, device=inputs[0].device))
+
+
 def test_custom_op_path_matches_the_eager_binding():
     # torch.compile sees the FFN as the fastdetr::ffn_fwd / ffn_bwd triton_ops (the eager path skips their
     # dispatch): the ops pass torch's custom-op checks and give exactly what the eager binding gives. (The fake
@@ -246,9 +252,9 @@ def test_triton_launches_per_training_call(monkeypatch, normalize_before, expect
         def __init__(self, kernel, traced):
             self.kernel = launcher(kernel, traced)
 
-        def __getitem__(self, grid):
+        def launch_signed(self, signature, grid, meta, *args):
             launches.append(grid)
-            return self.kernel[grid]
+            return self.kernel.launch_signed(signature, grid, meta, *args)
 
     monkeypatch.setattr(ffn_module, "_launcher", Counted)
     inputs = _params((37,), 64, 96)

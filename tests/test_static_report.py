@@ -34,7 +34,7 @@ with sm.stub_launches():
     # the lean launcher reuses a compiled kernel only where Triton would: a misaligned view compiles anew
     import importlib, torch
     attention = importlib.import_module("fastdetr.kernels.attention")
-    lean = attention._LEAN[attention._attn_fwd]
+    lean = attention._LEAN.fwd
     flat = torch.randn(1 + 33 * 32)
     aligned, misaligned = flat[:-1].view(1, 1, 33, 32), flat[1:].view(1, 1, 33, 32)  # 4 bytes apart
     cached_before = len(lean._compiled)
