@@ -220,12 +220,14 @@ def estimate(case: KernelCase, analysis: KernelAnalysis, gpu: Gpu = H100) -> Est
 
 class _StubLauncher:
     launches = 0  # Triton launches made under stub_launches, for launch counts per call
+    last_hooks = None  # (launch metadata, enter hook, exit hook) of the last launch, as a real launcher gets them
 
     def __init__(self, src, metadata):
         pass
 
     def __call__(self, *args, **kwargs):
         _StubLauncher.launches += 1
+        _StubLauncher.last_hooks = args[6:9]  # after grid x/y/z, stream, function, packed metadata
 
 
 class _StubUtils:

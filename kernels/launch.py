@@ -24,6 +24,7 @@ from typing import Dict, Tuple
 
 import torch
 from triton import knobs
+from triton.knobs import HookChain
 from triton.runtime import driver
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -58,11 +59,7 @@ def _getter(indices):
 
 def _hooked(hook) -> bool:
     """Whether a launch hook would do anything: triton 3.6+ keeps a HookChain even without hooks."""
-    return hook is not None and getattr(hook, "calls", True) != []
-
-
-def _grid3(grid):
-    return (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+    return hook is not None and (type(hook) is not HookChain or bool(hook.calls))
 
 
 class LeanLauncher:
@@ -155,16 +152,16 @@ class LeanLauncher:
 
     def _run(self, compiled, device, grid, meta, args):
         stream = driver.active.get_current_stream(device)
-        grid = _grid3(grid)
-        args = (*args, *self._constexpr_values[meta])
+        grid_x, grid_y, grid_z = grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
         enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        metadata = None
         if _hooked(enter_hook) or _hooked(exit_hook):
-            metadata = compiled.launch_metadata(grid, stream, *args)
-        else:  # the launcher skips a None hook; an empty HookChain would be a call that does nothing
-            enter_hook = exit_hook = None
-        compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, metadata, enter_hook, exit_hook,
-                     *args)
+            args = (*args, *self._constexpr_values[meta])
+            metadata = compiled.launch_metadata((grid_x, grid_y, grid_z), stream, *args)
+            compiled.run(grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, metadata,
+                         enter_hook, exit_hook, *args)
+        else:  # the launcher skips None hooks; an empty HookChain would be a call that does nothing
+            compiled.run(grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *args, *self._constexpr_values[meta])
         return compiled
 
 

@@ -42,11 +42,21 @@ with sm.stub_launches():
         attention.attention(view, view, view)
     cached = len(lean._compiled)
     attention.attention(misaligned, misaligned, misaligned)
+    # profilers' launch hooks still get their call and its metadata; without hooks the launcher gets none
+    unhooked = sm._StubLauncher.last_hooks
+    seen = []
+    triton.knobs.runtime.launch_enter_hook.add(seen.append)
+    attention.attention(misaligned, misaligned, misaligned)
+    hooked = sm._StubLauncher.last_hooks
+    triton.knobs.runtime.launch_enter_hook.remove(seen.append)
 print(json.dumps({"new_kernels": cached - cached_before, "cached_after": len(lean._compiled) - cached,
                   "with": with_dropout.loop.__dict__, "without": without.loop.__dict__,
                   "spill": with_dropout.spill_bytes, "ctas": case.ctas, "launches": launches,
                   "estimate": sm.estimate(case, with_dropout).us,
-                  "driver_restored": triton.runtime.driver._active is before}))
+                  "driver_restored": triton.runtime.driver._active is before,
+                  "unhooked": [h is None for h in unhooked],
+                  "hooked": [hooked[0] is not None and hooked[0].get()["name"] == "_attn_fwd",
+                             hooked[1] is triton.knobs.runtime.launch_enter_hook]}))
 """
 
 
@@ -66,6 +76,7 @@ def test_sass_loop_counts_and_launch_stub():
     assert out["driver_restored"]
     # an aligned and a misaligned view: two kernels, each reused afterwards
     assert out["new_kernels"] == 2 and out["cached_after"] == 0
+    assert out["unhooked"] == [True, True, True] and out["hooked"] == [True, True]
 
 
 def test_padding_statistics():
