@@ -73,6 +73,9 @@ def _host_table(host_cases) -> list:
     # one intra-op thread: a GPU run's host side does not spread an operator over CPU threads
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # The stub leaves the Triton path's outputs unwritten: the cuBLAS stand-ins (CPU matmuls) would then run on
+    # whatever the memory held, denormals included, at a hundredth of their speed.
+    flush = torch.set_flush_denormal(True)
     with stub_launches():
         for case in host_cases:
             launches = count_launches(case.triton)
@@ -80,6 +83,8 @@ def _host_table(host_cases) -> list:
             lines.append(f"| {case.op} | {case.name} | {triton_us:.0f} | {launches} | {reference_us:.0f} | "
                          f"{triton_us / reference_us:.2f} |")
     torch.set_num_threads(threads)
+    if flush:
+        torch.set_flush_denormal(False)
     return lines
 
 

@@ -564,7 +564,7 @@ def _backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gamma: Tensor
     # Every partial sum in one float32 workspace: [l1_blocks, hidden] (linear1 bias), then [3, rows_blocks, D]
     # (linear2 bias, LayerNorm weight and bias), as `_sum_partials_kernel` reads them.
     part = torch.empty(l1_blocks * hidden + 3 * rows_blocks * D, device=x.device, dtype=torch.float32)
-    part_rows = l1_blocks * hidden  # element offset of the row kernels' block
+    rows_part = part[l1_blocks * hidden:]  # the row kernels' block
     rows_kernel = _launcher(_rows_bwd_kernel, traced)
     threshold, scale = _dropout_args(p)
     dropout = p > 0.0
@@ -573,12 +573,12 @@ def _backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gamma: Tensor
     if normalize_before:
         meta = _rows_meta(block_d, LAYER_NORM=False, RESIDUAL=False, EMIT_DY=True, DROPOUT=dropout)
         rows_kernel.launch_signed(signature, (rows_blocks,), meta, g, None, None, None, None, None, dy,
-                                  part[part_rows:], seed, M, D, threshold, scale)
+                                  rows_part, seed, M, D, threshold, scale)
     else:
         dz = torch.empty(M, D, device=x.device, dtype=x.dtype)
         meta = _rows_meta(block_d, LAYER_NORM=True, RESIDUAL=False, EMIT_DY=True, DROPOUT=dropout)
         rows_kernel.launch_signed(signature, (rows_blocks,), meta, g, saved, gamma, stats, None, dz, dy,
-                                  part[part_rows:], seed, M, D, threshold, scale)
+                                  rows_part, seed, M, D, threshold, scale)
 
     dh = torch.empty(M, hidden, device=x.device, dtype=dtype)
     _linear1(dy, w2, None, dh, trans_b=False, h=h, dbias_part=part, seed=None, p=p, traced=traced,
@@ -591,7 +591,7 @@ def _backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gamma: Tensor
         dx = torch.empty_like(x)
         meta = _rows_meta(block_d, LAYER_NORM=True, RESIDUAL=True, EMIT_DY=False, DROPOUT=False)
         rows_kernel.launch_signed(signature, (rows_blocks,), meta, torch.matmul(dh, w1), x, gamma, stats, g, dx,
-                                  None, part[part_rows:], None, M, D, threshold, scale)
+                                  None, rows_part, None, M, D, threshold, scale)
     else:
         # One cuBLAS call adds the residual gradient when the dtypes agree (no autocast).
         dx = torch.addmm(dz, dh, w1) if dz.dtype == dtype else dz.add_(torch.matmul(dh, w1))
