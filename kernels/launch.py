@@ -16,7 +16,10 @@ interpreter, argument types the key does not cover, and torch.compile's wrap_tri
 form) take Triton's own path.
 
 Host functions pass the constexprs and options as a `launch_meta(...)` tuple they build once per config, so that
-neither a kwargs dict nor its key is rebuilt per launch.
+neither a kwargs dict nor its key is rebuilt per launch. A host function that launches several kernels on the same
+tensors may build one signature for all of them (`launch_signed`: the dtypes, addresses modulo 16 and strides of
+what its caller passed, and the sizes) instead of a generic key per launch; tests/test_launch_signatures.py checks,
+with CHECK_SIGNATURES on, that each such signature determines the generic key.
 """
 import operator
 import os
@@ -111,9 +114,6 @@ class LeanLauncher:
         wide = unspecialised is not None and max(map(abs, unspecialised(args))) >= _INT32_LIMIT
         return (meta, types, tuple(map(_dtype, tensors)), tuple(map(_low_bits, map(_data_ptr, tensors))),
                 specialised(args), wide, knobs.runtime.debug, knobs.compilation.instrumentation_mode, device)
-
-    def __getitem__(self, grid):
-        raise TypeError("LeanLauncher launches with .launch(grid, meta, *args)")
 
     def launch(self, grid: Tuple[int, ...], meta: tuple, *args):
         if _INTERPRETED:
