@@ -87,8 +87,11 @@ _K = KernelConfig
 # of time for sm_80 and sm_90 with the mask and dropout on (tests/test_attention_aot.py): it fits, spills
 # nothing and runs its products on tensor cores (mma.sync below 64-row tiles: wgmma needs 64), with triton 3.6 and
 # 3.8 (whose code generation differs: some configs that fit on one spill on the other).
-_SMALL_HEAD_16BIT = {"fwd": (_K(64, 64, 4, 3), _K(32, 64, 4, 3), _K(16, 64, 4, 3)),
-                     "bwd_dq": (_K(64, 64, 4, 3), _K(32, 64, 2, 3), _K(16, 64, 1, 3)),
+# 16-query tiles run where few programs start (decoder attention at B = 2 to 4: 112-224 for 132 SMs), one per SM:
+# there 128-key steps and 4 warps hide more latency (benchmarks/static_report.py: cross-attention at B = 2, sm_90,
+# forward 7.1 -> 5.9 us, dQ with 16 x 64 tiles and one warp 13.0 -> 5.6 us).
+_SMALL_HEAD_16BIT = {"fwd": (_K(64, 64, 4, 3), _K(32, 64, 4, 3), _K(16, 128, 4, 3)),
+                     "bwd_dq": (_K(64, 64, 4, 3), _K(32, 64, 2, 3), _K(16, 128, 4, 3)),
                      "bwd_dkdv": (_K(32, 64, 4, 3), _K(32, 32, 2, 3))}
 _CANDIDATES = {
     "16bit": {16: _SMALL_HEAD_16BIT, 32: _SMALL_HEAD_16BIT,

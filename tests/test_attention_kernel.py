@@ -241,10 +241,12 @@ CANDIDATE_CASES = [(kernel, i) for kernel in ("fwd", "bwd_dq", "bwd_dkdv")
                    for i in range(len(attention_config_candidates(32, torch.float16)[kernel]))]
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 @pytest.mark.parametrize("kernel,index", CANDIDATE_CASES)
-def test_every_candidate_config_matches_reference(monkeypatch, kernel, index):
-    """Each tile a shape may pick (small ones for decoder attention) gives the same results."""
-    B, H, Lq, Lk, D = 2, 2, 37, 70, 32
+def test_every_candidate_config_matches_reference(monkeypatch, kernel, index, dropout_p):
+    """Each tile a shape may pick (small ones for decoder attention) gives the same results, dropout bits
+    included; 150 keys take several steps of the widest key tile."""
+    B, H, Lq, Lk, D, seed = 2, 2, 37, 150, 32, seed_tensor(5)
     q, k, v = make_inputs(B, H, Lq, Lk, D, torch.float16, "seq_first")
     mask = make_mask(B, Lk, "tail")
     real_choose = attention_module.choose_config
@@ -253,10 +255,13 @@ def test_every_candidate_config_matches_reference(monkeypatch, kernel, index):
         return candidates[index] if name == kernel else real_choose(name, candidates, *args, **kwargs)
 
     monkeypatch.setattr(attention_module, "choose_config", forced)
-    out = attention(q, k, v, key_padding_mask=mask)
+    out = attention(q, k, v, key_padding_mask=mask, dropout_p=dropout_p, seed=seed)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.float16)
     out.backward(grad_out)
-    ref_out, ref_grads = reference(q, k, v, mask, grad_out)
+    if dropout_p:
+        keep = attention_dropout_mask(B, H, Lq, Lk, dropout_p, seed)
+        monkeypatch.setattr(F, "dropout", lambda probs, p: probs * keep * keep_scale(p))
+    ref_out, ref_grads = reference(q, k, v, mask, grad_out, dropout_p=dropout_p)
     assert rel_err(out, ref_out) < TOLERANCE[torch.float16]
     for name, x, ref in zip("qkv", (q, k, v), ref_grads):
         assert rel_err(x.grad, ref) < TOLERANCE[torch.float16], f"d{name}"
