@@ -1,9 +1,11 @@
 """The fast CPU path of the "auto" mode (SDPA attention, channels-last backbone, BatchNorm folded for inference)
 against the reference: the same numbers within float32 rounding, forward and backward, state dicts untouched."""
 import copy
+from unittest import mock
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -234,3 +236,81 @@ def test_training_matches_the_reference_losses_and_gradients(channels_last_weigh
     difference = (results["auto"][1] - results["reference"][1]).norm() / results["reference"][1].norm()
     assert difference < 1e-4  # one vector's norm: see fastdetr.benchmark_official.compare_gradients
     assert any(p.grad is not None for p in model.backbone.parameters())  # layer2-4 were trained through
+
+
+def _frozen_layer(name="resnet50", layer="layer2"):
+    """A torchvision ResNet layer with frozen BatchNorm statistics other than the identity, channels-last."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(norm_layer=FrozenBatchNorm2d)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                for buffer, low, high in ((module.weight, 0.5, 1.5), (module.bias, -0.3, 0.3),
+                                          (module.running_mean, -0.3, 0.3), (module.running_var, 0.3, 2.0)):
+                    buffer.copy_(torch.rand(buffer.shape, generator=generator) * (high - low) + low)
+    return getattr(model, layer).to(memory_format=torch.channels_last)
+
+
+def _forward_backward(layer, x):
+    """The layer's output and the gradients of its weights and input for a fixed linear loss."""
+    for p in layer.parameters():
+        p.grad = None
+    x = x.detach().requires_grad_(True)
+    y = backbone_module._run_layer(layer, x) if x.dtype == torch.float32 else layer(x)
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+    return [y.detach(), x.grad, *(p.grad for p in layer.parameters())]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_fused_blocks_are_as_close_to_float64_as_the_modules(name):
+    """_run_block (convolution and frozen BatchNorm as _ConvAffine, the scale moved onto the weights backward)
+    against torchvision's modules, both measured from a float64 run: forward and every gradient."""
+    layer = _frozen_layer(name)
+    channels = layer[0].conv1.in_channels
+    x = torch.randn(2, channels, 24, 20).contiguous(memory_format=torch.channels_last)
+    assert backbone_module._fusable_layer(layer, x)
+    exact = _forward_backward(copy.deepcopy(layer).double(), x.double())
+    fused = _forward_backward(layer, x)
+    with mock.patch.object(backbone_module, "_fusable_layer", lambda layer, x: False):
+        modules = _forward_backward(layer, x)
+    for ours, theirs, truth in zip(fused, modules, exact):
+        error, reference = ((t.double() - truth).norm() / truth.norm() for t in (ours, theirs))
+        assert error <= 2 * reference + 1e-7
+
+
+def test_folded_blocks_with_fused_sums_and_relus_equal_the_modules():
+    """A folded copy's blocks as oneDNN convolutions with the residual sum and ReLU fused: the same numbers."""
+    folded = backbone_module.fold_batchnorm(_frozen_layer()).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 256, 24, 20).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert backbone_module._fusable_layer(folded, x)
+        got = backbone_module._run_layer(folded, x)
+        expected = folded(x)
+    assert torch.equal(got, expected)
+
+
+def test_layers_outside_the_fused_path_run_as_modules():
+    layer = _frozen_layer()
+    x = torch.randn(1, 256, 8, 8)
+    assert backbone_module._fusable_layer(layer, x)
+    assert not backbone_module._fusable_layer(layer, x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not backbone_module._fusable_layer(layer, x)
+    handle = layer[1].conv2.register_forward_hook(lambda *args: None)
+    assert not backbone_module._fusable_layer(layer, x)
+    handle.remove()
+    trained = _frozen_layer()
+    trained[0].bn1 = nn.BatchNorm2d(128).train()  # batch statistics: no affine map
+    assert not backbone_module._fusable_layer(trained, x)
+
+
+def test_a_batch_runs_the_folded_layers_image_by_image_with_the_same_features():
+    model, _ = _tiny(backbone="resnet50")
+    model.eval()
+    images = torch.randn(3, 3, 64, 96)
+    body = model.backbone[0].body
+    with torch.no_grad(), fastdetr.use_kernels("auto"):
+        together = backbone_module._run_fast(body, images)["0"]
+        alone = torch.cat([backbone_module._run_fast(body, image[None])["0"] for image in images])
+    assert torch.equal(together, alone)
