@@ -92,22 +92,23 @@ def _run_layer(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# oneDNN's convolution with fused post-operations (bias, residual sum, ReLU); absent from builds without oneDNN
-_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+# oneDNN's convolution with fused post-operations (bias, residual sum, ReLU); None in builds without oneDNN
+_POINTWISE = (getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available()
+              else None)
 
 
 def _fusable_layer(layer: nn.Module, x: torch.Tensor) -> bool:
     """True for a ResNet layer that `_run_block` can run: torchvision blocks whose BatchNorms are affine maps (frozen,
-    or folded into their convolutions), a float32 CPU input without autocast, oneDNN present, no hooks (the fused
-    calls bypass the modules)."""
-    if (_POINTWISE is None or not torch.backends.mkldnn.is_available() or not isinstance(layer, nn.Sequential)
-            or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu")):
+    or folded into their convolutions where oneDNN is present), a float32 CPU input without autocast, no hooks (the
+    fused calls bypass the modules)."""
+    if (not isinstance(layer, nn.Sequential) or x.dtype != torch.float32 or x.device.type != "cpu"
+            or torch.is_autocast_enabled("cpu")):
         return False
     for block in layer:
         if type(block) not in (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck):
             return False
         for conv, bn in _conv_norm_pairs(block):
-            folded = isinstance(bn, nn.Identity) and conv.bias is not None
+            folded = isinstance(bn, nn.Identity) and conv.bias is not None and _POINTWISE is not None
             if not (folded or (conv.bias is None and _scale_shift(bn) is not None)):
                 return False
             if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
