@@ -145,8 +145,9 @@ def _run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[torch.Tensor] = None,
              relu: bool = True) -> torch.Tensor:
     """relu(bn(conv(x)) [+ residual]) (no ReLU with relu=False). A folded copy's (BatchNorm already in the weights,
-    no gradient) is one oneDNN call with the sum and ReLU as post-operations, the same numbers as the separate
-    operations; a frozen BatchNorm's is `_ConvAffine`, then the sum and ReLU in place."""
+    no gradient) is one oneDNN call with the sum and ReLU as post-operations, within float32 rounding of the
+    separate operations (bit for bit at some thread counts); a frozen BatchNorm's is `_ConvAffine`, then the sum
+    and ReLU in place."""
     if isinstance(bn, nn.Identity):
         geometry = list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
         if residual is None:

@@ -249,8 +249,17 @@ def _cpu_name() -> str:
 
 
 def run(args: argparse.Namespace, official) -> dict:
-    """Build both models on the same weights, check fastdetr's outputs, time both; returns the results."""
+    """Build both models on the same weights, check fastdetr's outputs, time both; returns the results. Runs with
+    args.threads intra-op threads and gives the caller's count back."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args, official)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, official) -> dict:
     model_args = default_args(backbone=args.backbone, device="cpu")
     torch.manual_seed(args.seed)
     official_model, official_criterion, official_post = official.build(model_args)
