@@ -32,7 +32,8 @@ directly, and the dQ kernel stores Delta / s; the per-element work gains only th
 
 Configs: a small curated set per (head dim, operand kind) and kernel, ordered from the largest tile down
 (`attention_config_candidates`). Without measurements the static pick is the largest tile that still gives
-every SM a program at this call's shape (decoder attention has few query tiles); on a GPU the first call of each
+every SM of the device a program at this call's shape (decoder attention has few query tiles), else the last
+candidate, whose extra warps hide latency with one program per SM; on a GPU the first call of each
 (kernel, head dim, dtype, dropout, length bucket) times the candidates and keeps the fastest (`autotune`), except
 under torch.compile or CUDA-graph capture, which take the static pick. Sequence lengths and the mask's batch
 stride are `do_not_specialize`, so a new image size compiles nothing.
@@ -87,11 +88,13 @@ _K = KernelConfig
 # of time for sm_80 and sm_90 with the mask and dropout on (tests/test_attention_aot.py): it fits, spills
 # nothing and runs its products on tensor cores (mma.sync below 64-row tiles: wgmma needs 64), with triton 3.6 and
 # 3.8 (whose code generation differs: some configs that fit on one spill on the other).
-# 16-query tiles run where few programs start (decoder attention at B = 2 to 4: 112-224 for 132 SMs), one per SM:
-# there 128-key steps and 4 warps hide more latency (benchmarks/static_report.py: cross-attention at B = 2, sm_90,
-# forward 7.1 -> 5.9 us, dQ with 16 x 64 tiles and one warp 13.0 -> 5.6 us).
-_SMALL_HEAD_16BIT = {"fwd": (_K(64, 64, 4, 3), _K(32, 64, 4, 3), _K(16, 128, 4, 3)),
-                     "bwd_dq": (_K(64, 64, 4, 3), _K(32, 64, 2, 3), _K(16, 128, 4, 3)),
+# 16-query tiles run where few programs start (decoder attention at B = 2 to 4: 112-224 for 132 SMs): 128-key
+# steps and 4 warps where they fill the SMs, and where even they leave SMs idle (one program per SM) 8 warps to
+# hide the latency, the forward with 256-key steps (dQ's spill at head dim 16 on sm_80) (benchmarks/
+# static_report.py, cross-attention at B = 2, sm_90: forward 7.1 us with 16 x 64 tiles -> 4.7 us, dQ 13.0 us with
+# 16 x 64 tiles and one warp -> 4.6 us).
+_SMALL_HEAD_16BIT = {"fwd": (_K(64, 64, 4, 3), _K(32, 64, 4, 3), _K(16, 128, 4, 3), _K(16, 256, 8, 3)),
+                     "bwd_dq": (_K(64, 64, 4, 3), _K(32, 64, 2, 3), _K(16, 128, 4, 3), _K(16, 128, 8, 3)),
                      "bwd_dkdv": (_K(32, 64, 4, 3), _K(32, 32, 2, 3))}
 _CANDIDATES = {
     "16bit": {16: _SMALL_HEAD_16BIT, 32: _SMALL_HEAD_16BIT,
@@ -111,7 +114,8 @@ _CANDIDATES = {
              64: {"fwd": (_K(64, 32, 8, 2),), "bwd_dq": (_K(64, 32, 8, 2),), "bwd_dkdv": (_K(16, 64, 8, 1),)},
              128: {"fwd": (_K(64, 32, 8, 1),), "bwd_dq": (_K(32, 32, 8, 1),), "bwd_dkdv": (_K(32, 32, 8, 1),)}},
 }
-# The GPU the static pick fills: H100/H200 (132 SMs); A100 has 108, so a pick that fills 132 fills it too.
+# The GPU the static pick plans for where no CUDA device says otherwise (the interpreter, the static report):
+# H100/H200, 132 SMs.
 DEFAULT_SM_COUNT = 132
 
 
@@ -142,10 +146,11 @@ def programs(kernel: str, cfg: KernelConfig, batch_heads: int, lq: int, lk: int)
 
 
 def static_pick(kernel: str, candidates: Tuple[KernelConfig, ...], batch_heads: int, lq: int, lk: int,
-                sm_count: int = DEFAULT_SM_COUNT) -> KernelConfig:
-    """The largest candidate tile that still starts a program on every SM; the smallest if none does."""
+                sms: int = DEFAULT_SM_COUNT) -> KernelConfig:
+    """The largest candidate tile that still starts a program on every one of `sms` SMs; the last candidate (the
+    smallest tile, with the most warps per program) if none does."""
     for cfg in candidates:
-        if programs(kernel, cfg, batch_heads, lq, lk) >= sm_count:
+        if programs(kernel, cfg, batch_heads, lq, lk) >= sms:
             return cfg
     return candidates[-1]
 
@@ -414,15 +419,28 @@ def choose_config(kernel: str, candidates: Tuple[KernelConfig, ...], key: tuple,
                      device.index)
         tuned = _tuned.get(tuned_key)
         if tuned is None:
-            pick = static_pick(kernel, candidates, batch_heads, lq, lk)
+            pick = static_pick(kernel, candidates, batch_heads, lq, lk, sm_count(device))
             times = {cfg: timer(lambda cfg=cfg: launch(cfg)) for cfg in candidates}
             tuned = _tuned[tuned_key] = min(candidates, key=lambda cfg: (times[cfg], cfg != pick))
         return tuned
-    static_key = (kernel, candidates, batch_heads, lq, lk)
+    sms = sm_count(device)
+    static_key = (kernel, candidates, batch_heads, lq, lk, sms)
     pick = _static_picks.get(static_key)
     if pick is None:
-        pick = _static_picks[static_key] = static_pick(kernel, candidates, batch_heads, lq, lk)
+        pick = _static_picks[static_key] = static_pick(kernel, candidates, batch_heads, lq, lk, sms)
     return pick
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; DEFAULT_SM_COUNT elsewhere (the interpreter and the static report plan for an H100)."""
+    if device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # ------------------------------------------------------------------------------------------ host functions

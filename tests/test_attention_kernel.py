@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fastdetr.ops as ops
 from fastdetr.kernels.attention import (KernelConfig, attention, attention_bwd, attention_config_candidates,
-                                        attention_dropout_mask, attention_fwd, choose_config, static_pick)
+                                        attention_dropout_mask, attention_fwd, choose_config, sm_count, static_pick)
 from fastdetr.kernels.rng import effective_dropout_p, keep_scale
 
 # the package exports the function `attention`, which shadows the submodule of that name
@@ -276,6 +276,15 @@ def test_static_pick_fills_the_gpu_or_takes_the_smallest_tile():
     # dK/dV owns keys: 850 keys in 64-key tiles at B=4 give 14 x 32 = 448 programs
     assert static_pick("bwd_dkdv", candidates["bwd_dkdv"], 32, 100, 850) == candidates["bwd_dkdv"][0]
     assert static_pick("bwd_dkdv", candidates["bwd_dkdv"], 16, 100, 100) == candidates["bwd_dkdv"][-1]
+    # decoder cross-attention, B=2: even 16-query tiles start 7 x 16 = 112 programs, one per SM of an H100, so the
+    # last candidate, with more warps per program; an A100's 108 SMs all get one from the 4-warp 16-query tile
+    for kernel in ("fwd", "bwd_dq"):
+        last, four_warps = candidates[kernel][-1], candidates[kernel][-2]
+        assert last.block_m == four_warps.block_m == 16 and last.num_warps > four_warps.num_warps
+        assert static_pick(kernel, candidates[kernel], 16, 100, 850) == last
+        assert static_pick(kernel, candidates[kernel], 16, 100, 850, sms=108) == four_warps
+        assert static_pick(kernel, candidates[kernel], 32, 100, 850) == four_warps  # B=4 fills 132 SMs
+    assert sm_count(torch.device("cpu")) == 132  # off CUDA the static pick plans for an H100
 
 
 def test_autotune_measures_once_per_key_and_keeps_the_fastest(monkeypatch):
@@ -290,6 +299,7 @@ def test_autotune_measures_once_per_key_and_keeps_the_fastest(monkeypatch):
         return speed[cfg.block_m]
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(attention_module, "_device_sms", lambda index: 132)  # the CUDA device is pretended
     args = ("fwd", candidates, ("key",), 32, 850, 850, lambda cfg: cfg, torch.device("cuda", 0))
     assert choose_config(*args, timer=timer).block_m == 32
     assert choose_config(*args, timer=timer).block_m == 32
