@@ -54,7 +54,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from .launch import LeanLauncher, TracedLauncher, addresses, launch_meta
+from .launch import DEFAULT_SM_COUNT, LeanLauncher, TracedLauncher, addresses, launch_meta, sm_count
 from .rng import drop, keep_mask, keep_scale, keep_threshold, philox_keep, philox_keep_t, seed_or_draw
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -114,9 +114,6 @@ _CANDIDATES = {
              64: {"fwd": (_K(64, 32, 8, 2),), "bwd_dq": (_K(64, 32, 8, 2),), "bwd_dkdv": (_K(16, 64, 8, 1),)},
              128: {"fwd": (_K(64, 32, 8, 1),), "bwd_dq": (_K(32, 32, 8, 1),), "bwd_dkdv": (_K(32, 32, 8, 1),)}},
 }
-# The GPU the static pick plans for where no CUDA device says otherwise (the interpreter, the static report):
-# H100/H200, 132 SMs.
-DEFAULT_SM_COUNT = 132
 
 
 def _operand_kind(dtype: torch.dtype, fp32_precision: str) -> str:
@@ -429,18 +426,6 @@ def choose_config(kernel: str, candidates: Tuple[KernelConfig, ...], key: tuple,
     if pick is None:
         pick = _static_picks[static_key] = static_pick(kernel, candidates, batch_heads, lq, lk, sms)
     return pick
-
-
-@functools.lru_cache(maxsize=None)
-def _device_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """SMs of a CUDA device; DEFAULT_SM_COUNT elsewhere (the interpreter and the static report plan for an H100)."""
-    if device.type != "cuda":
-        return DEFAULT_SM_COUNT
-    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # ------------------------------------------------------------------------------------------ host functions

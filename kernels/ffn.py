@@ -61,7 +61,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from .launch import LeanLauncher, TracedLauncher, addresses, launch_meta
+from .launch import LeanLauncher, TracedLauncher, addresses, launch_meta, sm_count
 from .rng import drop, keep_mask, keep_scale, keep_threshold, philox_keep, philox_keep_interleaved, seed_or_draw
 
 MAX_D_MODEL = 512  # the LayerNorm epilogues hold a whole row in one tile.
@@ -73,8 +73,6 @@ _SMALL_M = 1024  # up to here (DETR's decoder) the [rows, hidden] GEMMs use 64 x
 # Dropout streams (`rng.philox_keep`): after linear1, after linear2.
 STREAM_HIDDEN = tl.constexpr(0)
 STREAM_OUT = tl.constexpr(1)
-# SMs of the GPU the static model targets (H100/H200); used where no CUDA device says otherwise (the interpreter).
-DEFAULT_SMS = 132
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -151,18 +149,6 @@ def ffn_configs() -> dict:
         "rows": [(None, _rows_config(bd)) for bd in _D_BLOCKS],
         "sums": [(None, dict(_SUMS_CONFIG))],
     }
-
-
-@functools.lru_cache(maxsize=None)
-def _device_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """SMs of a CUDA device; DEFAULT_SMS elsewhere (the interpreter plans launches as for an H100)."""
-    if device.type != "cuda":
-        return DEFAULT_SMS
-    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def linear2_fused(rows: int, d_model: int, kind: str, sms: int) -> bool:

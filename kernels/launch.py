@@ -21,6 +21,7 @@ tensors may build one signature for all of them (`launch_signed`: the dtypes, ad
 what its caller passed, and the sizes) instead of a generic key per launch; tests/test_launch_signatures.py checks,
 with CHECK_SIGNATURES on, that each such signature determines the generic key.
 """
+import functools
 import operator
 import os
 from typing import Dict, Tuple
@@ -38,6 +39,23 @@ _low_bits = (15).__and__  # address modulo 16: Triton specialises pointers on 16
 _INT32_LIMIT = 2**31
 # Tests set this: every launch_signed also computes the generic key and checks the caller's signature against it.
 CHECK_SIGNATURES = os.environ.get("FASTDETR_CHECK_SIGNATURES", "0") not in ("", "0")
+
+
+# The GPU that launches are planned for where no CUDA device says otherwise (the interpreter, the static report):
+# H100/H200, 132 SMs.
+DEFAULT_SM_COUNT = 132
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; DEFAULT_SM_COUNT elsewhere."""
+    if device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def launch_meta(**constexprs_and_options) -> Tuple[Tuple[str, object], ...]:

@@ -7,16 +7,20 @@ specialised as a launch with given arguments would be, and reports what a launch
 Under TRITON_INTERPRET=1 (the kernel tests on a CPU machine) triton.compile cannot run in-process: the
 interpreter swaps triton.language's own @jit functions (tl.sum, tl.rand, ...) for interpreted ones when triton
 is imported. So `submit_report` / `compile_report` compile in worker processes that import triton without the
-interpreter; `compile_for` / `compile_like_launch` are the in-process steps they run.
+interpreter; `compile_for` / `compile_like_launch` are the in-process steps they run, and `run_compiled` runs a
+whole script so (its last line of output read as JSON).
 """
 import atexit
 import importlib
+import json
 import multiprocessing
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Optional
 
 import triton
@@ -182,3 +186,13 @@ def assert_tensor_cores(report: AotReport, warp_mma_ok: bool = False):
         found, expected = report.wgmma, "wgmma.mma_async"
     assert found > 0, f"{report.name}: no {expected} in its sm_{report.cc} PTX " \
                       f"(wgmma {report.wgmma}, mma.sync {report.mma_sync})"
+
+
+def run_compiled(script: str) -> dict:
+    """Run a Python script from the repository root with the interpreter off (kernels compile for real); the JSON
+    object its last line of output prints."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

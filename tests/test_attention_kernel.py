@@ -299,7 +299,7 @@ def test_autotune_measures_once_per_key_and_keeps_the_fastest(monkeypatch):
         return speed[cfg.block_m]
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(attention_module, "_device_sms", lambda index: 132)  # the CUDA device is pretended
+    monkeypatch.setattr(attention_module, "sm_count", lambda device: 132)  # the CUDA device is pretended
     args = ("fwd", candidates, ("key",), 32, 850, 850, lambda cfg: cfg, torch.device("cuda", 0))
     assert choose_config(*args, timer=timer).block_m == 32
     assert choose_config(*args, timer=timer).block_m == 32

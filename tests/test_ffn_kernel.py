@@ -13,6 +13,7 @@ from fastdetr.ops import ffn_reference
 
 # the module (the package's `ffn` attribute is the function)
 ffn_module = importlib.import_module("fastdetr.kernels.ffn")
+launch_module = importlib.import_module("fastdetr.kernels.launch")
 
 # ||out - ref|| / ||ref|| against float64; fp32 GEMMs run with input_precision="ieee". In fp16 a ReLU whose input
 # rounds across zero moves a whole gradient entry, for the eager fp16 path just as much: there the bound is
@@ -107,7 +108,7 @@ def _masked_reference(inputs, keep1, keep2, p, normalize_before, eps=1e-5):
 def linear2_path(request, monkeypatch):
     """linear2 as F.linear + the row epilogue kernel (what DETR's shapes get), or as the fused GEMM + epilogue
     kernel (chosen where its programs fill every SM: forced here by planning for a one-SM GPU)."""
-    sms = 1 if request.param == "fused" else ffn_module.DEFAULT_SMS
+    sms = 1 if request.param == "fused" else launch_module.DEFAULT_SM_COUNT
     monkeypatch.setattr(ffn_module, "sm_count", lambda device: sms)
     return request.param
 

@@ -6,13 +6,7 @@ CHECK_SIGNATURES on and compilation replaced by a no-op: every launch computes t
 and a signature seen with two generic keys fails. The calls cover the layouts DETR and users pass: sequence-first
 views, slices of a packed projection, contiguous tensors, addresses off 16 bytes, masks with odd strides, given seeds.
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from aot_utils import run_compiled
 
 SCRIPT = r"""
 import importlib, json, sys
@@ -103,8 +97,8 @@ LAYOUTS = ("seq_first", "packed", "contiguous", "misaligned")
 ATTENTION_BASE = dict(dtype=torch.float16, B=2, H=2, D=16, lq=5, lk=17, q="seq_first", k="seq_first", v="seq_first",
                       mask="contiguous", p=0.1, seed=None, grad="contiguous")
 FFN_BASE = dict(dtype=torch.float32, rows=7, d_model=16, hidden=32, x="contiguous", w1="contiguous", b1="contiguous",
-                w2="contiguous", b2="contiguous", bias_dtype=None, norm="contiguous", p=0.1, seed=None, pre_norm=False, autocast=False,
-                grad="contiguous")
+                w2="contiguous", b2="contiguous", bias_dtype=None, norm="contiguous", p=0.1, seed=None,
+                pre_norm=False, autocast=False, grad="contiguous")
 PARAM_LAYOUTS = ("contiguous", "misaligned", "transposed")
 with sm.stub_launches():
     one_factor_at_a_time(
@@ -144,10 +138,6 @@ print(json.dumps({"generic_keys": len(generic_keys), "caught": caught}))
 
 
 def test_signatures_determine_every_specialisation():
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_compiled(SCRIPT)
     assert out["caught"]  # a signature missing an alignment is refused
     assert out["generic_keys"] > 200  # the calls covered many specialisations

@@ -4,16 +4,14 @@ the launch stub behind host microseconds per call, and the padding statistics.
 The compilation runs in a subprocess with the interpreter off (this session interprets kernels), on one kernel
 config, so the test stays a few seconds; `python benchmarks/static_report.py` runs every case.
 """
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from aot_utils import run_compiled
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from static_attention import block_stats, coco_like_masks  # noqa: E402
 
@@ -61,11 +59,7 @@ print(json.dumps({"new_kernels": cached - cached_before, "cached_after": len(lea
 
 
 def test_sass_loop_counts_and_launch_stub():
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_compiled(SCRIPT)
     assert out["with"]["tensor"] > 0 and out["with"]["mufu"] > 0  # the loop found is the attention loop
     assert out["with"]["integer"] > out["without"]["integer"]  # the dropout bits are integer work in the loop
     # 16 decisions per Philox call: dropout costs well under a doubling of the loop (one tl.rand per element
