@@ -162,7 +162,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
             iter_time = (now - last_log) / (count - last_count) * get_world_size()
             run_eta = f"  run eta: {clock.eta()}" if clock is not None else ""
             if bar.bar is not None:
-                bar.bar.set_postfix_str(f"{_format(window, count - last_count)}{run_eta}", refresh=False)
+                bar.bar.set_postfix_str(f"{_format(window, count - last_count)}  data: {data_time / (i + 1):.3f}"
+                                        f"{run_eta}", refresh=False)
             elif is_main_process():
                 eta = datetime.timedelta(seconds=int(iter_time * (num_iters - i - 1)))
                 memory = (f"  max mem: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB"
@@ -179,11 +180,15 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     averages = {k: v / count for k, v in values.items()}
     averages["padded_pixels"], averages["padded_tokens"] = padded_pixels / pixels, padded_tokens / tokens
     if is_main_process():
-        took = datetime.timedelta(seconds=int(time.perf_counter() - start))
+        elapsed = time.perf_counter() - start
+        took = datetime.timedelta(seconds=int(elapsed))
         run_eta = f", run eta {clock.eta()}" if clock is not None else ""
-        print(f"Epoch: [{epoch}{of}] done in {took} ({(time.perf_counter() - start) / num_iters:.3f} s/it{run_eta})  "
+        # Waiting for the loader is host time the step could not hide: above a few percent, the loader is the limit
+        # (more --num_workers, or faster decoding). It stays out of log.txt, whose epochs replay exactly on resume.
+        print(f"Epoch: [{epoch}{of}] done in {took} ({elapsed / num_iters:.3f} s/it{run_eta})  "
               f"{_format(values, count)}  padding: {averages['padded_pixels']:.1%} of pixels, "
-              f"{averages['padded_tokens']:.1%} of tokens", flush=True)
+              f"{averages['padded_tokens']:.1%} of tokens  waiting for data: {data_time / elapsed:.1%} "
+              f"({data_time / num_iters:.3f} s/it)", flush=True)
     averages["lr"] = optimizer.param_groups[0]["lr"]
     return averages
 

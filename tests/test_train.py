@@ -1,6 +1,7 @@
 """Training, evaluation and the command lines on tiny synthetic data (CPU)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -198,6 +199,10 @@ def test_command_lines_end_to_end(tmp_path):
                   "--lr_drop", "1", cwd=tmp_path, env=env)
     assert (tmp_path / "cache" / "synthetic-8-4-64px" / "annotations" / "instances_val2017.json").is_file()
     assert "eta:" in out and "lr:" in out and "time:" in out and "data:" in out and "loss_giou:" in out
+    # each epoch's summary: padding and the time spent waiting for the loader
+    summaries = re.findall(r"done in .* padding: ([\d.]+)% of pixels, ([\d.]+)% of tokens  "
+                           r"waiting for data: ([\d.]+)% \(([\d.]+) s/it\)", out)
+    assert len(summaries) == 2 and all(0 <= float(value) <= 100 for row in summaries for value in row[:3])
     assert "Final box AP" in out and f"Outputs in {tmp_path / 'outputs'}" in out and "--coco_path" in out
     assert "run eta:" in out and "Per-class AP" in out and "Configuration" in out and "index created" not in out
     assert "fastdetr-predict " in out and "--checkpoint outputs/model.pth --threshold" in out
