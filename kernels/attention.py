@@ -91,8 +91,8 @@ _K = KernelConfig
 # 16-query tiles run where few programs start (decoder attention at B = 2 to 4: 112-224 for 132 SMs): 128-key
 # steps and 4 warps where they fill the SMs, and where even they leave SMs idle (one program per SM) 8 warps to
 # hide the latency, the forward with 256-key steps (dQ's spill at head dim 16 on sm_80) (benchmarks/
-# static_report.py, cross-attention at B = 2, sm_90: forward 7.1 us with 16 x 64 tiles -> 4.7 us, dQ 13.0 us with
-# 16 x 64 tiles and one warp -> 4.6 us).
+# static_report.md, cross-attention at B = 2, sm_90: forward 7.1 us with 16 x 64 tiles -> 4.9 us, dQ 13.0 us with
+# 16 x 64 tiles and one warp -> 4.7 us).
 _SMALL_HEAD_16BIT = {"fwd": (_K(64, 64, 4, 3), _K(32, 64, 4, 3), _K(16, 128, 4, 3), _K(16, 256, 8, 3)),
                      "bwd_dq": (_K(64, 64, 4, 3), _K(32, 64, 2, 3), _K(16, 128, 4, 3), _K(16, 128, 8, 3)),
                      "bwd_dkdv": (_K(32, 64, 4, 3), _K(32, 32, 2, 3))}
