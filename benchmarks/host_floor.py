@@ -70,6 +70,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="measurements, one after the other")
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     print("| run | op | Triton path us | binding floor us | eager reference us | path / reference | "
           "floor / reference |")
     print("|---|---|---|---|---|---|---|")

@@ -1,29 +1,18 @@
 """The matcher and criterion as they were before issue 17 (one device-to-host copy per decoder layer, per-image
 loops over the indices and targets, as the official DETR): the reference the batched forms are tested against
-(tests/test_criterion_batched.py) and timed against (benchmarks/bench_criterion.py)."""
+(tests/test_criterion_batched.py, tests/test_host_syncs.py) and timed against (benchmarks/criterion_host.py). Only
+the per-image parts are written here; the rest is fastdetr's."""
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
-from fastdetr.misc import get_world_size, is_dist_avail_and_initialized
+from fastdetr.criterion import SetCriterion, _top1_accuracy
+from fastdetr.matcher import HungarianMatcher
 
-LOSSES = ("labels", "cardinality", "boxes")
 
-
-class PerImageMatcher(nn.Module):
-    """One-to-one assignment of queries to targets minimising
-    cost_class * -p(class) + cost_bbox * L1(boxes) + cost_giou * -GIoU(boxes)."""
-
-    def __init__(self, cost_class: float = 1, cost_bbox: float = 1, cost_giou: float = 1):
-        super().__init__()
-        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
-            raise ValueError("all matcher costs are 0")
-        self.cost_class = cost_class
-        self.cost_bbox = cost_bbox
-        self.cost_giou = cost_giou
+class PerImageMatcher(HungarianMatcher):
+    """HungarianMatcher matching one decoder layer per call."""
 
     @torch.no_grad()
     def forward(self, outputs, targets):
@@ -54,27 +43,8 @@ class PerImageMatcher(nn.Module):
         return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
 
 
-class PerImageSetCriterion(nn.Module):
-    """Losses after matching predictions to targets with `matcher`.
-
-    num_classes excludes "no object"; eos_coef is the weight of the "no object" class in the cross entropy;
-    weight_dict maps loss names to their weights (applied by the training loop, as in the official code);
-    losses is a subset of ("labels", "cardinality", "boxes").
-    """
-
-    def __init__(self, num_classes, matcher, weight_dict, eos_coef, losses):
-        super().__init__()
-        unknown = set(losses) - set(LOSSES)
-        if unknown:
-            raise ValueError(f"unknown losses {sorted(unknown)}; supported: {LOSSES}")
-        self.num_classes = num_classes
-        self.matcher = matcher
-        self.weight_dict = weight_dict
-        self.eos_coef = eos_coef
-        self.losses = losses
-        empty_weight = torch.ones(self.num_classes + 1)
-        empty_weight[-1] = self.eos_coef
-        self.register_buffer("empty_weight", empty_weight)
+class PerImageSetCriterion(SetCriterion):
+    """SetCriterion matching each decoder layer on its own and gathering the matched targets image by image."""
 
     def loss_labels(self, outputs, targets, indices, num_boxes, log=True):
         """Cross entropy over all queries, unmatched ones labelled "no object"; class_error over matched ones."""
@@ -113,10 +83,6 @@ class PerImageSetCriterion(nn.Module):
         src_idx = torch.cat([src for (src, _) in indices])
         return batch_idx, src_idx
 
-    def get_loss(self, loss, outputs, targets, indices, num_boxes, **kwargs):
-        loss_fn = {"labels": self.loss_labels, "cardinality": self.loss_cardinality, "boxes": self.loss_boxes}
-        return loss_fn[loss](outputs, targets, indices, num_boxes, **kwargs)
-
     def forward(self, outputs, targets):
         """outputs as DETR returns them; targets a list (one per image) of dicts with labels and boxes.
 
@@ -136,23 +102,3 @@ class PerImageSetCriterion(nn.Module):
                 l_dict = self.get_loss(loss, aux_outputs, targets, indices, num_boxes, **kwargs)
                 losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
         return losses
-
-    @staticmethod
-    def _num_boxes(targets, device):
-        """The average number of target boxes per process, at least 1.
-
-        A host number without distribution; with it, an all-reduced tensor kept on the device (no host sync).
-        """
-        num_boxes = float(sum(len(t["labels"]) for t in targets))
-        if not is_dist_avail_and_initialized():
-            return max(num_boxes, 1.0)
-        total = torch.tensor(num_boxes, dtype=torch.float, device=device)
-        dist.all_reduce(total)
-        return torch.clamp(total / get_world_size(), min=1)
-
-
-def _top1_accuracy(logits, target):
-    """Percentage of rows whose arg-max is the target; 0 for no rows (as the official code)."""
-    if target.numel() == 0:
-        return torch.zeros([], device=logits.device)
-    return (logits.argmax(-1) == target).float().sum() * (100.0 / target.numel())

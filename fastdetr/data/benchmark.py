@@ -257,8 +257,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.images < 1 or args.rounds < 1 or args.batch_size < 1:
         raise SystemExit("--images, --rounds and --batch-size must be at least 1")
-    cache = args.cache or cache_root()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # an in-process caller keeps its own
+
+
+def _run(args: argparse.Namespace) -> int:
+    cache = args.cache or cache_root()
     result = {"environment": environment(), "args": {k: str(v) if isinstance(v, Path) else v
                                                      for k, v in vars(args).items()}, "rows": [], "parity": {}}
     official_target = install_official(args.official, cache) if args.official else None
