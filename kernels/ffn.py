@@ -640,19 +640,22 @@ class _FFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, gamma, beta, seed, eps, p, normalize_before, out_dtype):
-        out, h, saved, stats = _forward(x, w1, b1, w2, b2, gamma, beta, seed, eps, p, normalize_before, out_dtype,
-                                        traced=False)
-        ctx.save_for_backward(x, w1, w2, gamma, h, saved, stats, seed)
+        # x [..., D] is flattened here, not by the caller: a reshape and a view outside would each add an autograd
+        # node, and the backward engine's work per node is a measurable part of the call's host time.
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        out, h, saved, stats = _forward(rows, w1, b1, w2, b2, gamma, beta, seed, eps, p, normalize_before,
+                                        out_dtype, traced=False)
+        ctx.save_for_backward(rows, w1, w2, gamma, h, saved, stats, seed)
         ctx.has_bias = (b1 is not None, b2 is not None)
-        ctx.p, ctx.normalize_before = p, normalize_before
-        return out
+        ctx.p, ctx.normalize_before, ctx.shape = p, normalize_before, x.shape
+        return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w1, w2, gamma, h, saved, stats, seed = ctx.saved_tensors
-        grads = _backward(grad_out, x, w1, w2, gamma, h, saved, stats, seed, ctx.p, ctx.normalize_before,
-                          *ctx.has_bias, traced=False)
-        return _grads(ctx.has_bias, grads)
+        rows, w1, w2, gamma, h, saved, stats, seed = ctx.saved_tensors
+        grads = _backward(grad_out.reshape(rows.shape), rows, w1, w2, gamma, h, saved, stats, seed, ctx.p,
+                          ctx.normalize_before, *ctx.has_bias, traced=False)
+        return _grads(ctx.has_bias, (grads[0].view(ctx.shape), *grads[1:]))
 
 
 def ffn(x: Tensor, linear1_weight: Tensor, linear1_bias: Optional[Tensor], linear2_weight: Tensor,
@@ -685,15 +688,13 @@ def ffn(x: Tensor, linear1_weight: Tensor, linear1_bias: Optional[Tensor], linea
     else:
         keep_threshold(dropout_p)  # refuses a p the 8-bit bits cannot represent, before anything runs
         seed = seed_or_draw(seed, x.device)
+    args = (*weights, norm_weight, norm_bias, seed, float(eps), float(dropout_p), normalize_before, out_dtype)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _FFN.apply(x, *args)
     rows = x.reshape(-1, d_model).contiguous()
-    args = (rows, *weights, norm_weight, norm_bias, seed, float(eps), float(dropout_p), normalize_before, out_dtype)
     if torch.compiler.is_compiling():
-        out = torch.ops.fastdetr.ffn_fwd(*args)[0]
-    elif torch.is_grad_enabled():
-        out = _FFN.apply(*args)
-    else:  # inference: no autograd node to build
-        out = _forward(*args, traced=False)[0]
-    return out.view(x.shape)
+        return torch.ops.fastdetr.ffn_fwd(rows, *args)[0].view(x.shape)
+    return _forward(rows, *args, traced=False)[0].view(x.shape)  # inference: no autograd node to build
 
 
 def ffn_keep_masks(seed: Tensor, rows: int, hidden: int, d_model: int,

@@ -167,6 +167,21 @@ def test_inference_path_matches_the_autograd_path():
     assert torch.equal(out, ffn(*inputs, dropout_p=0.2, seed=SEED))
 
 
+def test_strided_input_gives_what_its_contiguous_copy_gives():
+    # The autograd binding flattens x itself (no view nodes around it): a transposed x [B, L, D] view of an
+    # [L, B, D] tensor gets the same output, laid out as x, and its gradient in x's shape.
+    params = _params((3, 7), 48, 100)
+    x = params[0].detach().transpose(0, 1).requires_grad_()
+    x_copy = x.detach().contiguous().requires_grad_()
+    outs = [ffn(t, *params[1:], dropout_p=0.2, seed=SEED) for t in (x, x_copy)]
+    assert outs[0].shape == x.shape and torch.equal(outs[0], outs[1])
+    grad_out = torch.randn(outs[0].shape)
+    grads = [_grads(out, [t, *params[1:]], grad_out) for out, t in zip(outs, (x, x_copy))]
+    assert grads[0][0].shape == x.shape
+    for got, expected in zip(*grads):
+        assert torch.equal(got, expected)
+
+
 def test_unrepresentable_dropout_rejected():
     inputs = [t.detach() for t in _params((3,), 16, 16)]
     with pytest.raises(ValueError, match="rounds to keeping"):
