@@ -58,9 +58,13 @@ def test_report_states_goals_parity_failures_and_failed_stages(tmp_path, monkeyp
     report = gpu_report.write_report(results, tmp_path, args, seconds=12.0).read_text()
 
     assert "| parity ffn | 3 |" in report and "kernel did not compile" in report
-    goals = {row.split(" | ")[0].lstrip("| "): row for row in report.splitlines() if "| #5 |" in row or "| #6 |" in row}
+    goal_texts = {goal[0] for goal in gpu_report.GOALS}
+    goals = {row.split(" | ")[0].lstrip("| "): row for row in report.splitlines()
+             if row.split(" | ")[0].lstrip("| ") in goal_texts}
+    assert len(goals) == len(gpu_report.GOALS)
     assert "5.00x" in goals[gpu_report.GOALS[0][0]] and goals[gpu_report.GOALS[0][0]].endswith("| yes |")
     assert "1.20x" in goals[gpu_report.GOALS[1][0]] and goals[gpu_report.GOALS[1][0]].endswith("| **no** |")
+    assert goals[gpu_report.GOALS[0][0]].split(" | ")[1] == "#5, #12"
     assert "not measured" in goals[gpu_report.GOALS[2][0]]
     assert "1 of 2 checks pass" in report and "| ffn | - | all | run | no result" in report
     assert "0 failed, 1 skipped" in report and "time budget" in report
