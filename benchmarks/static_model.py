@@ -220,13 +220,15 @@ def estimate(case: KernelCase, analysis: KernelAnalysis, gpu: Gpu = H100) -> Est
 
 class _StubLauncher:
     launches = 0  # Triton launches made under stub_launches, for launch counts per call
-    last_hooks = None  # (launch metadata, enter hook, exit hook) of the last launch, as a real launcher gets them
+    last_args = None  # the arguments of the last launch, as a real launcher gets them
+    last_hooks = None  # (launch metadata, enter hook, exit hook) of the last launch
 
     def __init__(self, src, metadata):
         pass
 
     def __call__(self, *args, **kwargs):
         _StubLauncher.launches += 1
+        _StubLauncher.last_args = args
         _StubLauncher.last_hooks = args[6:9]  # after grid x/y/z, stream, function, packed metadata
 
 

@@ -5,7 +5,8 @@ pointer alignment, integer values), builds a cache key, re-checks every global t
 metadata: ~20-40 us of Python per launch on a server CPU, more than a decoder-sized attention kernel runs on the
 GPU. `LeanLauncher` keeps the `CompiledKernel` that the first such call returns under a key that distinguishes at
 least everything Triton specialises on, and later calls the compiled kernel's launcher (`CompiledKernel.run`, what
-`CompiledKernel[grid]` and `JITFunction.run` call, with the same arguments in triton 3.6 to 3.8) directly.
+`CompiledKernel[grid]` and `JITFunction.run` call, with the same arguments in triton 3.6 to 3.8) directly;
+tests/test_lean_launcher_contract.py checks on the installed Triton that it passes exactly what Triton passes.
 
 The key is deliberately finer than Triton's rule, so a cached kernel is never reused where Triton would have
 compiled another: each tensor's dtype and address modulo 16, the exact value of every integer the kernel may
