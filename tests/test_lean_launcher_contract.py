@@ -1,9 +1,9 @@
 """kernels/launch.LeanLauncher calls a compiled kernel's launcher itself, as Triton's JITFunction.run does after
-its checks. These tests hold it to that on the installed Triton, without a GPU: every launch that the attention
-and FFN host functions make, replayed through a LeanLauncher under the stub driver (benchmarks/static_model.py),
-must hand the launcher the arguments Triton's own path hands it (grid, stream, function, packed metadata, then
-every kernel argument in order), and Triton's launchers must still take them in that form. A Triton that changes
-the form fails here, on a CPU, rather than at the first launch on a GPU.
+its checks. These tests hold it to that on the installed Triton, without a GPU: every launch that the attention,
+FFN and position-embedding host functions make, replayed through a LeanLauncher under the stub driver
+(benchmarks/static_model.py), must hand the launcher the arguments Triton's own path hands it (grid, stream,
+function, packed metadata, then every kernel argument in order), and Triton's launchers must still take them in
+that form. A Triton that changes the form fails here, on a CPU, rather than at the first launch on a GPU.
 """
 import inspect
 
@@ -17,6 +17,7 @@ import static_model as sm
 from fastdetr.kernels.launch import LeanLauncher
 attention = importlib.import_module("fastdetr.kernels.attention")
 ffn = importlib.import_module("fastdetr.kernels.ffn")
+position_embedding = importlib.import_module("fastdetr.kernels.position_embedding")
 
 launches = []  # (kernel, grid, meta, args) as the host functions make them
 
@@ -26,6 +27,9 @@ class Recorder:
         self.kernel = kernel
 
     def launch_signed(self, signature, grid, meta, *args):
+        launches.append((self.kernel, grid, meta, args))
+
+    def launch(self, grid, meta, *args):
         launches.append((self.kernel, grid, meta, args))
 
 
@@ -54,6 +58,9 @@ with sm.stub_launches():
         ffn._forward(x, w1, b1, w2, b2, gamma, beta, seed, 1e-5, 0.1, normalize_before, torch.float32, False)
         ffn._backward(torch.randn(9, 16), x, w1, w2, gamma, h, saved, stats, seed, 0.1, normalize_before, True,
                       True, False)
+    position_embedding._LEAN = Recorder(position_embedding._position_embedding_sine_kernel)
+    for flatten in (False, True):
+        position_embedding.position_embedding_sine(mask.view(2, 1, 7), 16, flatten=flatten)
 
     report = []
     for kernel, grid, meta, args in launches:
@@ -78,7 +85,8 @@ def test_lean_launches_pass_what_triton_passes():
     report = run_compiled(SCRIPT)
     kernels = {row["kernel"] for row in report}
     assert {"_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv", "_linear1_kernel", "_residual_rows_kernel",
-            "_layer_norm_fwd_kernel", "_rows_bwd_kernel", "_sum_partials_kernel"} <= kernels
+            "_layer_norm_fwd_kernel", "_rows_bwd_kernel", "_sum_partials_kernel",
+            "_position_embedding_sine_kernel"} <= kernels
     for row in report:
         assert row["cached"], row  # the second launch went through the lean path
         assert row["count"][0] == row["count"][1], row
