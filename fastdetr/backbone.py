@@ -283,11 +283,10 @@ def _fold(module: nn.Module) -> Tuple[nn.Module, List[Tuple[nn.Conv2d, nn.Conv2d
         for conv_name, bn_name in names:
             conv, bn = getattr(source, conv_name, None), getattr(source, bn_name, None)
             if isinstance(conv, nn.Conv2d) and _scale_shift(bn) is not None:
-                folded = copy.deepcopy(conv)
+                folded = getattr(parent, conv_name)  # the copy's convolution, given the folded weights
                 weight, bias = _folded_weights(conv, bn)
                 folded.weight = nn.Parameter(weight, requires_grad=False)
                 folded.bias = nn.Parameter(bias, requires_grad=False)
-                setattr(parent, conv_name, folded)
                 setattr(parent, bn_name, nn.Identity())
                 pairs.append((folded, conv, bn))
     return copied, pairs

@@ -658,6 +658,16 @@ class _FFN(torch.autograd.Function):
         return _grads(ctx.has_bias, (grads[0].view(ctx.shape), *grads[1:]))
 
 
+def _reject_shapes(d_model: int, hidden: int, **tensors):
+    """Raise the error naming the first parameter whose shape does not fit x [..., d_model] and linear1's width."""
+    expected = {"linear1_weight": (hidden, d_model), "linear1_bias": (hidden,), "linear2_weight": (d_model, hidden),
+                "linear2_bias": (d_model,), "norm_weight": (d_model,), "norm_bias": (d_model,)}
+    for name, tensor in tensors.items():
+        if tensor is not None and tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"ffn: {name} has shape {tuple(tensor.shape)}, expected {expected[name]} for x "
+                             f"[..., {d_model}] and a hidden width of {hidden}")
+
+
 def ffn(x: Tensor, linear1_weight: Tensor, linear1_bias: Optional[Tensor], linear2_weight: Tensor,
         linear2_bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Tensor, eps: float = 1e-5,
         dropout_p: float = 0.0, normalize_before: bool = False, seed: Optional[Tensor] = None) -> Tensor:
@@ -672,6 +682,14 @@ def ffn(x: Tensor, linear1_weight: Tensor, linear1_bias: Optional[Tensor], linea
     d_model = x.shape[-1]
     if d_model > MAX_D_MODEL:
         raise ValueError(f"ffn kernel supports d_model <= {MAX_D_MODEL} (a whole row per tile), got {d_model}")
+    hidden = linear1_weight.shape[0]
+    if (linear1_weight.shape[1:] != (d_model,) or linear2_weight.shape != (d_model, hidden)
+            or norm_weight.shape != (d_model,) or norm_bias.shape != (d_model,)
+            or (linear1_bias is not None and linear1_bias.shape != (hidden,))
+            or (linear2_bias is not None and linear2_bias.shape != (d_model,))):
+        _reject_shapes(d_model, hidden, linear1_weight=linear1_weight, linear1_bias=linear1_bias,
+                       linear2_weight=linear2_weight, linear2_bias=linear2_bias, norm_weight=norm_weight,
+                       norm_bias=norm_bias)
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
     weights = (linear1_weight, linear1_bias, linear2_weight, linear2_bias)

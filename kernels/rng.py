@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+
 def keep_threshold(p: float) -> int:
     """The 8-bit threshold (kept iff a random byte < threshold) for dropout probability p."""
     threshold = round(256 * (1.0 - p))

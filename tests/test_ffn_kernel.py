@@ -235,6 +235,15 @@ def test_wide_d_model_rejected():
         ffn(x, w1, b1, w2, b2, gamma, beta)
 
 
+def test_mismatched_shapes_rejected():
+    # a kernel reads whatever its pointers reach: a width that does not fit the weights must stop here
+    x, w1, b1, w2, b2, gamma, beta = [t.detach() for t in _params((3,), 16, 40)]
+    with pytest.raises(ValueError, match=r"linear1_weight has shape \(40, 16\), expected \(40, 12\)"):
+        ffn(x[:, :12], w1, b1, w2, b2, gamma, beta)
+    with pytest.raises(ValueError, match="linear2_bias has shape"):
+        ffn(x, w1, b1, w2, b2[:8], gamma, beta)
+
+
 def test_bad_seed_rejected():
     inputs = [t.detach() for t in _params((3,), 32, 16)]
     with pytest.raises(ValueError, match="seed must be an int64 tensor"):
