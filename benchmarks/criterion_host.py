@@ -23,7 +23,7 @@ from test_criterion_batched import WEIGHTS, random_outputs_and_targets  # noqa: 
 
 from fastdetr import HungarianMatcher, SetCriterion  # noqa: E402
 
-OBJECTS = (7, 3, 12, 5, 1, 9, 6, 8)  # about COCO's mean of 7, as fastdetr.benchmark
+OBJECTS = (7, 3, 12, 5, 1, 9, 6, 8)  # about COCO's mean of 7, as fastdetr.benchmark.step
 
 
 def timed(fn, repeats):

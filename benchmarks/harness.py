@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastdetr import ops
-from fastdetr.benchmark import coco_like_image_sizes
+from fastdetr.benchmark.step import coco_like_image_sizes
 from fastdetr.misc import nested_tensor_from_tensor_list
 from fastdetr.transformer import TransformerDecoderLayer, TransformerEncoderLayer
 

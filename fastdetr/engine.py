@@ -86,7 +86,7 @@ def train_step(model, criterion, optimizer, samples, targets, amp_dtype=None, ma
     losses on float32 outputs, backward (through `scaler` when it is enabled), clipping to `max_norm` (0: none),
     the optimizer step. Returns the logged values on the device, without synchronising the host.
 
-    `span(name)` is entered around each phase ("forward", "criterion", "backward", "optimizer"); fastdetr.benchmark
+    `span(name)` is entered around each phase ("forward", "criterion", "backward", "optimizer"); fastdetr.benchmark.step
     times them with it.
     """
     scaling = scaler is not None and scaler.is_enabled()

@@ -10,7 +10,7 @@ from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from fastdetr.data.benchmark_padding import _valid_positions
+from fastdetr.benchmark.padding import _valid_positions
 from fastdetr.data.batching import (BatchScaleSampler, GroupedBatchSampler, ScaledIndex, aspect_ratio_bins,
                                     aspect_ratio_groups, padding_counts)
 from fastdetr.data.transforms import (DRAW_KEY, PAPER_CROP_RESIZES, PAPER_SCALES, RandomResize, RandomSizeCrop,

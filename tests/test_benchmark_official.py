@@ -1,4 +1,4 @@
-"""The plumbing of `python -m fastdetr.benchmark_official` without installing the official code: a stand-in
+"""The plumbing of `python -m fastdetr.benchmark --official` without installing the official code: a stand-in
 package with the official layout (models/, util/misc.py with its torchvision version test) built on fastdetr's
 reference path."""
 import json
@@ -10,7 +10,8 @@ import pytest
 import torch
 import torchvision
 
-from fastdetr import benchmark_official, official
+from fastdetr import official
+from fastdetr.benchmark import official as benchmark_official
 
 STAND_IN = {
     "util/__init__.py": "",

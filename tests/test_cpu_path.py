@@ -234,7 +234,7 @@ def test_training_matches_the_reference_losses_and_gradients(channels_last_weigh
         results[mode] = (total.detach(), torch.cat([g.flatten() for g in grads]))
     torch.testing.assert_close(results["auto"][0], results["reference"][0], rtol=1e-5, atol=0)
     difference = (results["auto"][1] - results["reference"][1]).norm() / results["reference"][1].norm()
-    assert difference < 1e-4  # one vector's norm: see fastdetr.benchmark_official.compare_gradients
+    assert difference < 1e-4  # one vector's norm: see fastdetr.benchmark.official.compare_gradients
     assert any(p.grad is not None for p in model.backbone.parameters())  # layer2-4 were trained through
 
 

@@ -9,7 +9,7 @@ import pytest
 import torchvision
 from PIL import Image
 
-from fastdetr.data.benchmark import file_sizes, make_files
+from fastdetr.benchmark.data import file_sizes, make_files
 
 
 def run(*flags, tmp_path):

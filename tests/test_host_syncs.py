@@ -7,7 +7,7 @@ values (.item(), .tolist(), .numpy(), .cpu(), bool(), float(), int()), a blockin
 (.to(device) without non_blocking, torch.tensor/as_tensor with a device), and a host tensor (not a 0-d scalar)
 used in an operation with device tensors, which CUDA copies over first (indexing with host indices). What it does
 not see: synchronising calls inside one C++ operator (data-dependent shapes such as nonzero); on a GPU,
-fastdetr.benchmark counts those with the profiler.
+fastdetr.benchmark.step counts those with the profiler.
 """
 import torch
 from torch.overrides import TorchFunctionMode

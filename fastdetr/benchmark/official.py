@@ -1,8 +1,8 @@
 """fastdetr beside the official DETR on the same weights and inputs: inference and a training step, timed
 interleaved in one run, outputs compared.
 
-    python -m fastdetr.benchmark_official --official             # pip installs detr==0.1.4 into the cache first
-    python -m fastdetr.benchmark_official --official path/to/detr-0.1.4-py3-none-any.whl --amp bf16
+    python -m fastdetr.benchmark --official             # pip installs detr==0.1.4 into the cache first
+    python -m fastdetr.benchmark --official path/to/detr-0.1.4-py3-none-any.whl --amp bf16
 
 DETR-R50 (the official defaults, auxiliary losses on) with random weights, frozen BatchNorm statistics included,
 made by the official code and loaded unchanged (strict) into fastdetr; two images of about 480 x 640 (random
@@ -31,10 +31,10 @@ import torch
 import torchvision
 from torch import nn
 
-from .build import RESNETS, build_model, default_args
-from .engine import AMP_DTYPES, _to_float, train_step
-from .misc import nested_tensor_from_tensor_list
-from .official import OFFICIAL, cache_root, install_official, load_official, official_dir
+from ..build import RESNETS, build_model, default_args
+from ..engine import AMP_DTYPES, _to_float, train_step
+from ..misc import nested_tensor_from_tensor_list
+from ..official import OFFICIAL, cache_root, install_official, load_official, official_dir
 
 # The official training recipe (main.py defaults).
 _LR, _LR_BACKBONE, _WEIGHT_DECAY, _CLIP_MAX_NORM = 1e-4, 1e-5, 1e-4, 0.1
@@ -339,7 +339,7 @@ def report(result: dict) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("python -m fastdetr.benchmark_official", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser("python -m fastdetr.benchmark --official", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--official", nargs="?", const=OFFICIAL, metavar="SPEC",
                         help=f"pip-install the official code from SPEC ({OFFICIAL} when left out; a wheel's path "

@@ -47,9 +47,9 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from ..official import OFFICIAL, cache_root, install_official, official_imports
-from . import collate_fn, collate_uint8
-from .coco import CocoDetection
-from .transforms import IMAGENET_STD, make_coco_transforms
+from ..data import collate_fn, collate_uint8
+from ..data.coco import CocoDetection
+from ..data.transforms import IMAGENET_STD, make_coco_transforms
 
 SIZES = ("640x480", "1280x960")  # COCO's most common size, and twice it
 # what is timed: the training or validation pipeline up to the batch, or only decoding (and the target's

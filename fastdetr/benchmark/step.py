@@ -2,7 +2,7 @@
 
     python -m fastdetr.benchmark            # DETR-R50, COCO-like images (shorter side 800), batch 4, on CUDA
     python -m fastdetr.benchmark --device cpu --backbone resnet18 --image-size 256 --batch-size 2 --steps 2
-    python -m fastdetr.benchmark --data --official   # the data pipeline instead (fastdetr/data/benchmark.py)
+    python -m fastdetr.benchmark --data --official   # the data pipeline instead (fastdetr/benchmark/data.py)
     python -m fastdetr.benchmark --padding   # batch padding with and without aspect-ratio grouping instead
     python -m fastdetr.benchmark --official  # DETR-R50 on the CPU beside the official code, outputs checked
 
@@ -26,10 +26,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .build import RESNETS, build_model, default_args
-from .engine import train_step
-from .misc import NestedTensor, nested_tensor_from_tensor_list
-from .ops import use_kernels
+from ..build import RESNETS, build_model, default_args
+from ..engine import train_step
+from ..misc import NestedTensor, nested_tensor_from_tensor_list
+from ..ops import use_kernels
+from . import MODES
 
 
 @dataclass(frozen=True)
@@ -345,29 +346,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                         choices=[c.name for c in CONFIGS])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--data", action="store_true",
-                        help="measure the data loading pipeline instead (images/s per loader worker, fastdetr vs the "
-                             "official code); its flags: python -m fastdetr.benchmark --data --help")
-    parser.add_argument("--padding", action="store_true",
-                        help="measure the padded fraction of batches with and without aspect-ratio grouping instead "
-                             "(no model); its flags: python -m fastdetr.benchmark --padding --help")
-    parser.add_argument("--official", action="store_true",
-                        help="time DETR on the CPU beside the official code instead (inference and a training step, "
-                             "outputs checked); its flags: python -m fastdetr.benchmark --official --help")
+    for mode, (_, text) in MODES.items():  # dispatched by __main__.py; listed here for --help
+        parser.add_argument(f"--{mode}", action="store_true",
+                            help=f"{text}; its flags: python -m fastdetr.benchmark --{mode} --help")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--data" in argv:  # the data pipeline's benchmark, with flags of its own
-        from .data.benchmark import main as data_main
-        return data_main([a for a in argv if a != "--data"])
-    if "--padding" in argv:  # batch padding, with flags of its own
-        from .data.benchmark_padding import main as padding_main
-        return padding_main([a for a in argv if a != "--padding"])
-    if "--official" in argv:  # fastdetr beside the official code, with flags of its own (--official among them)
-        from .benchmark_official import main as official_main
-        return official_main(argv)
+    if any(f"--{mode}" in argv for mode in MODES):  # another mode, with flags of its own
+        from .__main__ import main as dispatch
+        return dispatch(argv)
     args = get_args_parser().parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.warmup < 0:
         raise SystemExit("--steps and --batch-size must be at least 1, --warmup at least 0")

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, RandomSampler
 
-from .batching import BatchScaleSampler, GroupedBatchSampler, aspect_ratio_groups
-from .transforms import PAPER_CROP_RESIZES, PAPER_SCALES, ScaleDraw, get_size
+from ..data.batching import BatchScaleSampler, GroupedBatchSampler, aspect_ratio_groups
+from ..data.transforms import PAPER_CROP_RESIZES, PAPER_SCALES, ScaleDraw, get_size
 
 # (width, height, share) of photos like COCO train2017's: 4:3 and 3:2 landscapes dominate, about a quarter are
 # portraits, a few are square or wide. Approximate shares (no COCO file here); --annotations takes a real file's.
@@ -125,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if min(args.batch_sizes) < 1 or args.images < 1 or min(args.factors) < 0:
         raise SystemExit("--batch-sizes and --images must be at least 1, --factors at least 0")
     sizes = annotation_sizes(args.annotations) if args.annotations else sample_sizes(args.images, args.seed)
-    source = args.annotations or f"{len(sizes)} COCO-like sizes (fastdetr.data.benchmark_padding.COCO_LIKE)"
+    source = args.annotations or f"{len(sizes)} COCO-like sizes (fastdetr.benchmark.padding.COCO_LIKE)"
     print(f"Padded fraction of pixels / of encoder tokens (stride 32) over one epoch of {source}; "
           f"sampler seed {args.seed}")
     # (aspect-ratio group factor or -1, batch scale): grouping alone, then the batch scale alone and with grouping
