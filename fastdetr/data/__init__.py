@@ -1,8 +1,9 @@
-"""Datasets for training and evaluation: COCO-layout data, a synthetic dataset in that layout, and the collate
-functions that pad a batch into a NestedTensor."""
+"""Datasets for training and evaluation: COCO-layout data, synthetic datasets in that layout (the demo's shapes and a
+harder set for checking that a method generalises), and the collate functions that pad a batch into a NestedTensor."""
 from ..misc import nested_tensor_from_tensor_list
 from .coco import CocoDetection, DataError, build as build_coco
 from .synthetic import make_synthetic_coco
+from .synthetic_hard import make_hard_synthetic_coco
 from .transforms import normalize_batch
 
 

@@ -18,6 +18,9 @@ The classes differ by colour family as well as by shape: the hue of a rectangle 
 around green, of a triangle around blue (each within +-40 degrees, with random saturation and brightness). This is a
 deliberate easing: a DETR trained from scratch then learns the default set on two CPU cores in minutes
 (``python -m fastdetr.train``), where shape alone takes it far longer to tell the classes apart.
+
+A harder set, never to tune a recipe on but to check that it generalises, is made with the same machinery
+(`write_images`, `make_coco_folder`): fastdetr.data.synthetic_hard.
 """
 import colorsys
 import json
@@ -80,17 +83,20 @@ def _draw(draw: ImageDraw.ImageDraw, name: str, xy, fill):
         draw.polygon(xy, fill=fill)
 
 
-def _color(rng: np.random.Generator, name: str, background_mean: np.ndarray):
-    """An RGB colour of the shape's family that stands out from the background: the first of up to 20 draws whose
-    L1 distance to the background's mean colour is at least 150, else the farthest of them."""
+def pick_color(rng: np.random.Generator, reference, hue: float, hue_spread: float = 1 / 9,
+               saturation=(0.55, 1.0), value=(0.5, 1.0), min_distance: float = 150):
+    """An RGB colour (ints) that stands out from the `reference` colour: the first of up to 20 HSV draws (hue within
+    +-`hue_spread` of `hue`, saturation and value uniform in their ranges) whose L1 distance to `reference` is at
+    least `min_distance`, else the farthest of them. The shapes' default: a family around `hue` (synthetic.py);
+    `hue=0.5, hue_spread=0.5` draws any hue (synthetic_hard.py)."""
     best, best_distance = None, -1.0
     for _ in range(20):
-        hue = (_HUES[name] + rng.uniform(-1 / 9, 1 / 9)) % 1.0
-        color = 255 * np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.5, 1.0)))
-        distance = np.abs(color - background_mean).sum()
+        h = (hue + rng.uniform(-hue_spread, hue_spread)) % 1.0
+        color = 255 * np.array(colorsys.hsv_to_rgb(h, rng.uniform(*saturation), rng.uniform(*value)))
+        distance = np.abs(color - np.asarray(reference)).sum()
         if distance > best_distance:
             best, best_distance = color, distance
-        if distance >= 150:
+        if distance >= min_distance:
             break
     return tuple(int(c) for c in best)
 
@@ -118,7 +124,7 @@ def render_scene(rng: np.random.Generator, width: int, height: int, max_objects:
         else:
             continue
         category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
-        color = _color(rng, category["name"], background_mean)
+        color = pick_color(rng, background_mean, _HUES[category["name"]])
         # PIL boxes include their last row and column: draw into [x0, x1 - 1] so that x1 is exclusive.
         xy = _shape_xy(rng, category["name"], (box[0], box[1], box[2] - 1, box[3] - 1))
         _draw(draw, category["name"], xy, color)
@@ -126,15 +132,22 @@ def render_scene(rng: np.random.Generator, width: int, height: int, max_objects:
         placed.append(box)
         objects.append({"category_id": category["id"], "name": category["name"], "color": color})
     instance_map = np.asarray(instances)
+    visible = visible_objects(instance_map, objects)
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 4, size=(height, width, 3))
+    image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    return image, instance_map, visible
+
+
+def visible_objects(instance_map: np.ndarray, objects: list) -> list:
+    """The objects with visible pixels (label k + 1 in `instance_map` for objects[k]), each given its visible "box"
+    (x0, y0, x1, y1), x1 and y1 exclusive."""
     visible = []
     for k, obj in enumerate(objects):
         ys, xs = np.nonzero(instance_map == k + 1)
         if len(xs):
             obj["box"] = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
             visible.append(obj)
-    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 4, size=(height, width, 3))
-    image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
-    return image, instance_map, visible
+    return visible
 
 
 def _overlap(new, old) -> float:
@@ -151,10 +164,11 @@ def make_image(seed: int, split: str, index: int, size_range=(200, 320), max_obj
     return render_scene(rng, width, height, max_objects)
 
 
-def write_split(root: Path, split: str, num_images: int, seed: int, size_range=(200, 320), max_objects=3,
-                progress=None) -> dict:
-    """Write the images of `split` into root/split and return its COCO annotation dict; `progress.update()` is
-    called after each image."""
+def write_images(root: Path, split: str, num_images: int, make, info: dict, categories: list,
+                 progress=None) -> dict:
+    """Write the images `make(index)` -> (PIL image, instance map, objects) (as `render_scene` returns them) for
+    index 0 .. num_images - 1 into root/split and return the split's COCO annotation dict (boxes, areas and RLE
+    segmentations of the visible pixels); `progress.update()` is called after each image."""
     from pycocotools import mask as mask_utils  # here: `import fastdetr` (the model, fastdetr.benchmark) needs none
 
     (root / split).mkdir(parents=True, exist_ok=True)
@@ -162,7 +176,7 @@ def write_split(root: Path, split: str, num_images: int, seed: int, size_range=(
     for index in range(num_images):
         if progress is not None:
             progress.update()
-        image, instance_map, objects = make_image(seed, split, index, size_range, max_objects)
+        image, instance_map, objects = make(index)
         width, height = image.size
         image_id = index + 1
         file_name = f"{image_id:012d}.jpg"
@@ -180,31 +194,38 @@ def write_split(root: Path, split: str, num_images: int, seed: int, size_range=(
                 "iscrowd": 0,
                 "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
             })
+    return {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
+
+
+def write_split(root: Path, split: str, num_images: int, seed: int, size_range=(200, 320), max_objects=3,
+                progress=None) -> dict:
+    """Write the images of `split` into root/split and return its COCO annotation dict; `progress.update()` is
+    called after each image."""
     info = {"description": "fastdetr synthetic shapes", "version": VERSION, "seed": seed, "split": split}
-    return {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": CATEGORIES}
+    return write_images(root, split, num_images, lambda index: make_image(seed, split, index, size_range, max_objects),
+                        info, CATEGORIES, progress)
 
 
-def make_synthetic_coco(root, num_train: int = 2000, num_val: int = 200, seed: int = 0,
-                        size_range=(200, 320), max_objects: int = 3, progress: bool = False) -> Path:
-    """Create the dataset in `root` unless a complete one made with the same settings is there; returns root.
-    Image sides are drawn in `size_range` (equal bounds: square images of that side). `progress`: a bar in a
-    terminal, lines elsewhere (fastdetr.progress).
+def make_coco_folder(root: Path, settings: dict, write, description: str, progress: bool) -> Path:
+    """Create a COCO-layout dataset in `root` unless a complete one made with the same `settings` is there; returns
+    root. `settings` (JSON, kept in root/synthetic.json) holds num_train and num_val; `write(folder, split,
+    num_images, bar)` writes a split's images into folder/split and returns its COCO dict. `progress`: a bar named
+    `description` in a terminal, lines elsewhere (fastdetr.progress).
 
     The files are written into a temporary sibling folder renamed to `root` at the end, so an interrupted run
     leaves no half-written dataset behind and concurrent callers (e.g. DDP ranks) are safe.
     """
     root = Path(root)
-    settings = {"version": VERSION, "num_train": num_train, "num_val": num_val, "seed": seed,
-                "size_range": list(size_range), "max_objects": max_objects}
     marker = root / "synthetic.json"
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return root
     tmp = root.with_name(f".{root.name}.tmp-{uuid.uuid4().hex[:8]}")
-    bar = Progress(num_train + num_val, "Generating the synthetic dataset", unit="img") if progress else None
+    num_train, num_val = settings["num_train"], settings["num_val"]
+    bar = Progress(num_train + num_val, description, unit="img") if progress else None
     try:
         (tmp / "annotations").mkdir(parents=True)
         for split, num in (("train2017", num_train), ("val2017", num_val)):
-            coco = write_split(tmp, split, num, seed, size_range, max_objects, bar)
+            coco = write(tmp, split, num, bar)
             (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
         (tmp / "synthetic.json").write_text(json.dumps(settings))
         if marker.is_file():  # made with other settings: replace it
@@ -219,3 +240,18 @@ def make_synthetic_coco(root, num_train: int = 2000, num_val: int = 200, seed: i
             bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def make_synthetic_coco(root, num_train: int = 2000, num_val: int = 200, seed: int = 0,
+                        size_range=(200, 320), max_objects: int = 3, progress: bool = False) -> Path:
+    """Create the dataset in `root` unless a complete one made with the same settings is there; returns root.
+    Image sides are drawn in `size_range` (equal bounds: square images of that side). `progress`: a bar in a
+    terminal, lines elsewhere (fastdetr.progress). Written atomically and cached (`make_coco_folder`).
+    """
+    settings = {"version": VERSION, "num_train": num_train, "num_val": num_val, "seed": seed,
+                "size_range": list(size_range), "max_objects": max_objects}
+
+    def write(folder, split, num, bar):
+        return write_split(folder, split, num, seed, size_range, max_objects, bar)
+
+    return make_coco_folder(root, settings, write, "Generating the synthetic dataset", progress)
