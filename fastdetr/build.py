@@ -8,6 +8,7 @@ from .criterion import SetCriterion
 from .detr import DETR
 from .matcher import build_matcher
 from .postprocess import PostProcess
+from .recipe import RECIPES, resolve_recipe
 from .transformer import build_transformer
 
 
@@ -58,6 +59,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     loss.add_argument("--bbox_loss_coef", default=5, type=float, help="weight of the L1 box loss")
     loss.add_argument("--giou_loss_coef", default=2, type=float, help="weight of the GIoU loss")
     loss.add_argument("--eos_coef", default=0.1, type=float, help="weight of the no-object class")
+
+    fast = parser.add_argument_group("training recipe (training only: the model trained is an official DETR)")
+    fast.add_argument("--recipe", default="official", choices=tuple(RECIPES),
+                      help="official: the paper's training; fast: the training-only accelerators below on their "
+                           "recipe values (fastdetr.recipe); a flag given explicitly wins")
+    fast.add_argument("--query_groups", default=None, type=int, metavar="K",
+                      help="Group DETR: K groups of --num_queries queries in training, self-attention within a "
+                           "group, one-to-one matching per group; evaluation and the saved model use group 0 only "
+                           "(default: the recipe's; official 1, fast %d)" % RECIPES["fast"]["query_groups"])
 
     data = parser.add_argument_group("data and run")
     data.add_argument("--coco_path", type=str,
@@ -111,13 +121,15 @@ def num_classes_for(args) -> int:
 
 
 def build_model(args):
-    """Returns (model, criterion, postprocessors) like the official build; the criterion is moved to args.device."""
+    """Returns (model, criterion, postprocessors) like the official build; the criterion is moved to args.device.
+    Accelerator settings left None (args.query_groups) are first set from args.recipe (fastdetr.recipe)."""
     if args.masks or args.frozen_weights is not None:
         raise ValueError("the segmentation head (--masks / --frozen_weights) is not supported by fastdetr")
     device = torch.device(args.device)
     num_classes = num_classes_for(args)
+    resolve_recipe(args)
     model = DETR(build_backbone(args), build_transformer(args), num_classes=num_classes,
-                 num_queries=args.num_queries, aux_loss=args.aux_loss)
+                 num_queries=args.num_queries, aux_loss=args.aux_loss, query_groups=args.query_groups)
     weight_dict = {"loss_ce": 1, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
     if args.aux_loss:
         weight_dict.update({f"{k}_{i}": v for i in range(args.dec_layers - 1) for k, v in list(weight_dict.items())})

@@ -20,6 +20,10 @@ ARCHITECTURE = ("backbone", "dilation", "backbone_norm", "position_embedding", "
                 "dec_layers", "dim_feedforward", "num_queries", "pre_norm", "num_classes")
 
 
+# Group DETR's training-only queries (fastdetr.DETR with query_groups > 1): not part of the official model.
+EXTRA_QUERIES = "extra_query_embed.weight"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, used or written; the message names the file and the problem."""
 
@@ -81,11 +85,22 @@ def checkpoint_architecture(checkpoint: Mapping, name: str = "the checkpoint", d
     }
 
 
+def checkpoint_query_groups(checkpoint: Mapping) -> int:
+    """The query groups a checkpoint was trained with: 1 + its training-only extra queries / num_queries (1 for
+    official checkpoints and for fastdetr's deployment ones, which hold group 0 only)."""
+    state = _state_dict(checkpoint)
+    extra = state.get(EXTRA_QUERIES)
+    return 1 if extra is None else 1 + extra.shape[0] // state["query_embed.weight"].shape[0]
+
+
 def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, os.PathLike, Mapping], strict: bool = True):
     """Load an official DETR checkpoint ({"model": state_dict, ...}), one of fastdetr's, or a bare state dict.
 
     When the checkpoint's class count differs from the model's, `class_embed.*` is dropped with a warning and the
-    rest is still loaded strictly (fine-tuning on one's own classes). Returns the load result.
+    rest is still loaded strictly (fine-tuning on one's own classes). Query groups (Group DETR training): a model
+    without extra groups ignores a checkpoint's (they are training-only); a model with extra groups takes a
+    checkpoint's of the same count, else starts each extra group as a copy of the checkpoint's group 0
+    (`query_embed`). Returns the load result.
     """
     if isinstance(path_or_state_dict, Mapping):
         checkpoint = path_or_state_dict
@@ -102,6 +117,12 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, os.PathLike
                       f"not loading {dropped}; the class head keeps its initialisation", stacklevel=2)
         for k in dropped:
             del state_dict[k]
+
+    extra = getattr(model, "extra_query_embed", None)
+    theirs = state_dict.pop(EXTRA_QUERIES, None)
+    if extra is not None and "query_embed.weight" in state_dict:
+        fits = theirs is not None and theirs.shape == extra.weight.shape
+        state_dict[EXTRA_QUERIES] = theirs if fits else state_dict["query_embed.weight"].repeat(model.query_groups - 1, 1)
 
     result = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in result.missing_keys if k not in dropped]

@@ -87,11 +87,22 @@ class SetCriterion(nn.Module):
 
         Returns every loss; those of aux_outputs[i] are suffixed `_i`. All decoder layers are matched together
         (one host synchronisation) and their matched indices and targets reach the device in one copy.
+
+        With query groups (outputs["group_outputs"], Group DETR training) each group is matched to the targets on
+        its own, one-to-one, and its losses are normalised as the official ones; the groups' losses are summed.
+        All groups are scored in one pass, as a batch of G x B images with the targets repeated: the box losses
+        are sums over matched pairs, and every group has the same matched count, so the cross entropy's weighted
+        mean over G x B images is the groups' mean: times G, their sum. The diagnostics (class_error,
+        cardinality_error) are then averages over the groups.
         """
-        layers = [{k: v for k, v in outputs.items() if k != "aux_outputs"}, *outputs.get("aux_outputs", [])]
+        groups = outputs.get("group_outputs", [])
+        num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
+        if groups:
+            outputs = _fold_groups([outputs, *groups])
+            targets = targets * (len(groups) + 1)
+        layers = _group_layers(outputs)
         device = outputs["pred_logits"].device
         matched = self._matched_layers(self.matcher.match_layers(layers, targets), targets, device)
-        num_boxes = self._num_boxes(targets, device)
 
         losses = {}
         for loss in self.losses:
@@ -101,6 +112,8 @@ class SetCriterion(nn.Module):
                 kwargs = {"log": False} if loss == "labels" else {}
                 l_dict = self.get_loss(loss, aux_outputs, targets, indices, num_boxes, **kwargs)
                 losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
+        if groups:
+            losses.update({k: v * (len(groups) + 1) for k, v in losses.items() if k.startswith("loss_ce")})
         return losses
 
     def _matched(self, indices, targets, device) -> Matched:
@@ -140,6 +153,24 @@ class SetCriterion(nn.Module):
         total = torch.tensor(num_boxes, dtype=torch.float, device=device)
         dist.all_reduce(total)
         return torch.clamp(total / get_world_size(), min=1)
+
+
+def _group_layers(outputs) -> List[Dict[str, torch.Tensor]]:
+    """One query group's outputs as a list of layers: the last decoder layer's, then the aux layers'."""
+    last = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "group_outputs")}
+    return [last, *outputs.get("aux_outputs", [])]
+
+
+def _fold_groups(groups) -> Dict:
+    """G groups' outputs (each pred_logits [B, Nq, K + 1], pred_boxes [B, Nq, 4], aux_outputs) as the outputs of
+    one batch of G x B images, group-major."""
+    def cat(key, layer=None):
+        return torch.cat([(g if layer is None else g["aux_outputs"][layer])[key] for g in groups])
+    folded = {k: cat(k) for k in ("pred_logits", "pred_boxes")}
+    if "aux_outputs" in groups[0]:
+        folded["aux_outputs"] = [{k: cat(k, i) for k in ("pred_logits", "pred_boxes")}
+                                 for i in range(len(groups[0]["aux_outputs"]))]
+    return folded
 
 
 def _top1_accuracy(logits, target):

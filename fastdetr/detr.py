@@ -9,19 +9,29 @@ from .misc import NestedTensor, nested_tensor_from_tensor_list
 
 
 class DETR(nn.Module):
-    """DETR(backbone, transformer, num_classes, num_queries, aux_loss=False).
+    """DETR(backbone, transformer, num_classes, num_queries, aux_loss=False, query_groups=1).
 
     `num_classes` is the largest class id + 1; the classifier has one more output for "no object".
+
+    query_groups G > 1 is Group DETR's training (Chen et al. 2022): G - 1 more groups of `num_queries` learned
+    queries (`extra_query_embed`, a training-only parameter), each attending to itself only in the decoder and
+    matched one-to-one to the targets on its own. In training the extra groups' predictions are returned under
+    "group_outputs"; in evaluation the model is the official DETR (group 0, `query_embed`, only).
     """
 
-    def __init__(self, backbone, transformer, num_classes, num_queries, aux_loss=False):
+    def __init__(self, backbone, transformer, num_classes, num_queries, aux_loss=False, query_groups=1):
         super().__init__()
+        if query_groups < 1:
+            raise ValueError(f"query_groups must be at least 1, got {query_groups}")
         self.num_queries = num_queries
+        self.query_groups = query_groups
         self.transformer = transformer
         hidden_dim = transformer.d_model
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        if query_groups > 1:
+            self.extra_query_embed = nn.Embedding((query_groups - 1) * num_queries, hidden_dim)
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
@@ -33,7 +43,8 @@ class DETR(nn.Module):
         call: NaN or infinite pixels give non-finite outputs, which the training loop reports.
 
         Returns a dict with pred_logits [B, Nq, num_classes + 1], pred_boxes [B, Nq, 4] (normalised cx, cy, w, h)
-        and, with aux_loss, aux_outputs: the same two for every decoder layer but the last.
+        and, with aux_loss, aux_outputs: the same two for every decoder layer but the last. Training with query
+        groups adds group_outputs: one such dict (without group_outputs) for each extra group.
         """
         if isinstance(samples, (list, tuple)) or isinstance(samples, Tensor):
             if isinstance(samples, Tensor) and samples.ndim != 4:
@@ -48,9 +59,21 @@ class DETR(nn.Module):
                              f"{tuple(images.shape)}")
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
-        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]
+        groups = self.query_groups if self.training else 1
+        queries = self.query_embed.weight
+        if groups > 1:
+            queries = torch.cat([queries, self.extra_query_embed.weight])
+        hs = self.transformer(self.input_proj(src), mask, queries, pos[-1], query_groups=groups)[0]
         outputs_class = self.class_embed(hs)
         outputs_coord = self.bbox_embed(hs).sigmoid()
+        if groups == 1:
+            return self._outputs(outputs_class, outputs_coord)
+        outs = [self._outputs(c, b) for c, b in zip(outputs_class.chunk(groups, dim=2),
+                                                     outputs_coord.chunk(groups, dim=2))]
+        outs[0]["group_outputs"] = outs[1:]
+        return outs[0]
+
+    def _outputs(self, outputs_class, outputs_coord):
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
             out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)

@@ -34,13 +34,14 @@ import torchvision
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from . import build
-from .checkpoint import CheckpointError, check_optimizer_state, load_checkpoint, save_checkpoint
-from .data import DataError, build_dataset, collate_uint8, make_synthetic_coco
+from .checkpoint import EXTRA_QUERIES, CheckpointError, check_optimizer_state, load_checkpoint, save_checkpoint
+from .data import DataError, build_dataset, collate_uint8, make_hard_synthetic_coco, make_synthetic_coco
 from .data.batching import (BatchScaleSampler, GroupedBatchSampler, aspect_ratio_bins, aspect_ratio_groups,
                             image_aspect_ratios)
 from .data.coco import split_paths
 from .data.transforms import AUGMENTATIONS
 from .progress import RunClock
+from .recipe import resolve_recipe
 from .report import format_table, per_class_ap, suggested_threshold
 from .engine import evaluate, train_one_epoch
 from .inference import load_file
@@ -73,6 +74,7 @@ SYNTHETIC_CUDA = dict(
     synthetic_train=20000, synthetic_val=1000,
 )
 
+SYNTHETIC_SETS = {"shapes": make_synthetic_coco, "hard": make_hard_synthetic_coco}
 
 EPILOG = """recipes:
   the demo (synthetic shapes, small model; about 7 minutes on 2 free CPU cores, AP50 about 0.6):
@@ -143,6 +145,10 @@ def get_args_parser():
     own.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines (logs)")
     own.add_argument("--synthetic_train", default=1600, type=int, help="synthetic training images (no --coco_path)")
     own.add_argument("--synthetic_val", default=200, type=int, help="synthetic validation images (no --coco_path)")
+    own.add_argument("--synthetic_set", choices=tuple(SYNTHETIC_SETS), default="shapes",
+                     help="the synthetic dataset (no --coco_path): shapes, the demo's coloured shapes told apart by "
+                          "shape and colour; hard, small objects on cluttered textures with distractor strokes, "
+                          "classes told apart by a detail only (fastdetr.data.synthetic_hard)")
     cuda = torch.cuda.is_available()
     describe_defaults(parser, SYNTHETIC_CUDA if cuda else SYNTHETIC_CPU, "CUDA" if cuda else "CPU")
     return parser
@@ -175,6 +181,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.given_flags = given_flags(parser, argv)
     args.synthetic = synthetic
+    resolve_recipe(args)
     if args.amp is None:
         args.amp = "bf16" if torch.device(args.device).type == "cuda" else "none"
     return args
@@ -245,7 +252,8 @@ def resolve_backbone_weights(args):
 
 def synthetic_root(args) -> Path:
     cache = Path(os.environ.get("FASTDETR_CACHE", Path.home() / ".cache" / "fastdetr"))
-    return cache / f"synthetic-{args.synthetic_train}-{args.synthetic_val}-{args.min_size}px"
+    kind = "" if args.synthetic_set == "shapes" else f"{args.synthetic_set}-"
+    return cache / f"synthetic-{kind}{args.synthetic_train}-{args.synthetic_val}-{args.min_size}px"
 
 
 def make_loaders(args, dataset_train, dataset_val):
@@ -311,10 +319,10 @@ def prepare_data(args):
     """Both splits, checked against each other, the batch size and the model's classes."""
     if args.synthetic:
         root = synthetic_root(args)
-        log(f"No --coco_path: the synthetic shapes dataset in {root} (generated on first use)")
+        log(f"No --coco_path: the synthetic {args.synthetic_set} dataset in {root} (generated on first use)")
         if is_main_process():  # square images at the training scale: no resizing, no padding in a batch
-            make_synthetic_coco(root, args.synthetic_train, args.synthetic_val,
-                                size_range=(args.min_size, args.min_size), progress=True)
+            SYNTHETIC_SETS[args.synthetic_set](root, args.synthetic_train, args.synthetic_val,
+                                               size_range=(args.min_size, args.min_size), progress=True)
         if is_dist_avail_and_initialized():
             dist.barrier()
         args.coco_path = str(root)
@@ -392,9 +400,10 @@ def save_config(args, output_dir: Path):
 
 def deployment_checkpoint(model, args, class_names, threshold, epoch, ap, half: bool = False) -> dict:
     """Weights, the settings that rebuild the model, class names and the score threshold: what --eval, --finetune,
-    predict and fastdetr.Detector need, without the optimizer state. half: floating tensors in 16 bits (model.pth;
+    predict and fastdetr.Detector need, without the optimizer state and without Group DETR's training-only query
+    groups (the official DETR's state dict). half: floating tensors in 16 bits (model.pth;
     they are loaded back into float32)."""
-    state = model.state_dict()
+    state = {k: v for k, v in model.state_dict().items() if k != EXTRA_QUERIES}  # the official model: group 0
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     return {"model": state, "args": args, "class_names": class_names, "score_threshold": threshold, "epoch": epoch,
@@ -407,8 +416,11 @@ def evaluation_report(coco_eval, summary: str) -> str:
         format_table(per_class_ap(coco_eval))
 
 
-def run(args):
+def run(args, on_epoch=None):
     """Train (or with args.eval, evaluate) as args say; returns the model (without DDP) and the last test stats.
+
+    on_epoch(record), on the main process after each epoch's evaluation: record = {"epoch", "ap", "ap50",
+    "train_seconds", "eval_seconds" (that epoch's wall times), "steps"} (fastdetr.benchmark --convergence).
 
     Everything that can be checked before training is, first; those problems raise UsageError."""
     init_distributed_mode(args)
@@ -490,13 +502,19 @@ def run(args):
             sampler_train.set_epoch(epoch)
         if args.batch_scale:
             loader_train.batch_sampler.set_epoch(epoch)
+        epoch_start = time.perf_counter()
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
                                       args.amp, scaler, args.print_freq, clock, args.epochs,
                                       token_stride=16 if args.dilation else 32)
         lr_scheduler.step()
+        eval_start = time.perf_counter()
         with rng_preserved(device):
             test_stats, coco_eval, summary = evaluate(model, criterion, *evaluate_args)
         ap = test_stats["coco_eval_bbox"][0]
+        if on_epoch is not None and is_main_process():
+            on_epoch({"epoch": epoch, "ap": ap, "ap50": test_stats["coco_eval_bbox"][1],
+                      "train_seconds": eval_start - epoch_start, "eval_seconds": time.perf_counter() - eval_start,
+                      "steps": len(loader_train)})
         improved = ap > best_ap
         best_ap = max(best_ap, ap)
         if output_dir:

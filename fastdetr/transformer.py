@@ -34,9 +34,12 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src: Tensor, mask: Optional[Tensor], query_embed: Tensor, pos_embed: Tensor):
+    def forward(self, src: Tensor, mask: Optional[Tensor], query_embed: Tensor, pos_embed: Tensor,
+                query_groups: int = 1):
         """src [B, C, H, W], mask [B, H, W] (True = padding), query_embed [Nq, C], pos_embed [B, C, H, W].
 
+        query_groups G > 1 (Group DETR training): query_embed holds G groups of Nq / G queries one after the other;
+        the decoder's self-attention runs within each group only, cross-attention and FFN are per query anyway.
         Returns hs [num_dec_outputs, B, Nq, C] and memory [B, C, H, W].
         """
         bs, c, h, w = src.shape
@@ -47,7 +50,8 @@ class Transformer(nn.Module):
             mask = mask.flatten(1)
         tgt = torch.zeros_like(query_embed)
         memory = self.encoder(src, src_key_padding_mask=mask, pos=pos_embed)
-        hs = self.decoder(tgt, memory, memory_key_padding_mask=mask, pos=pos_embed, query_pos=query_embed)
+        hs = self.decoder(tgt, memory, memory_key_padding_mask=mask, pos=pos_embed, query_pos=query_embed,
+                          query_groups=query_groups)
         return hs.transpose(1, 2), memory.permute(1, 2, 0).view(bs, c, h, w)
 
 
@@ -78,14 +82,15 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, tgt, memory, tgt_mask: Optional[Tensor] = None, memory_mask: Optional[Tensor] = None,
                 tgt_key_padding_mask: Optional[Tensor] = None, memory_key_padding_mask: Optional[Tensor] = None,
-                pos: Optional[Tensor] = None, query_pos: Optional[Tensor] = None):
+                pos: Optional[Tensor] = None, query_pos: Optional[Tensor] = None, query_groups: int = 1):
         """Returns [num_layers, Nq, B, C] with return_intermediate (each normed), else [1, Nq, B, C]."""
         output = tgt
         intermediate = []
         for layer in self.layers:
             output = layer(output, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
                            tgt_key_padding_mask=tgt_key_padding_mask,
-                           memory_key_padding_mask=memory_key_padding_mask, pos=pos, query_pos=query_pos)
+                           memory_key_padding_mask=memory_key_padding_mask, pos=pos, query_pos=query_pos,
+                           query_groups=query_groups)
             if self.return_intermediate:
                 intermediate.append(self.norm(output))
         if self.norm is not None:
@@ -156,16 +161,30 @@ class TransformerDecoderLayer(_SublayersMixin, nn.Module):
 
     def forward(self, tgt, memory, tgt_mask: Optional[Tensor] = None, memory_mask: Optional[Tensor] = None,
                 tgt_key_padding_mask: Optional[Tensor] = None, memory_key_padding_mask: Optional[Tensor] = None,
-                pos: Optional[Tensor] = None, query_pos: Optional[Tensor] = None):
+                pos: Optional[Tensor] = None, query_pos: Optional[Tensor] = None, query_groups: int = 1):
         if self.normalize_before:
-            tgt = tgt + self._self_attention(self.norm1(tgt), query_pos, tgt_mask, tgt_key_padding_mask)
+            tgt = tgt + self._grouped_self_attention(self.norm1(tgt), query_pos, tgt_mask, tgt_key_padding_mask,
+                                                     query_groups)
             tgt = tgt + self._cross_attention(self.norm2(tgt), memory, query_pos, pos, memory_mask,
                                               memory_key_padding_mask)
         else:
-            tgt = self.norm1(tgt + self._self_attention(tgt, query_pos, tgt_mask, tgt_key_padding_mask))
+            tgt = self.norm1(tgt + self._grouped_self_attention(tgt, query_pos, tgt_mask, tgt_key_padding_mask,
+                                                                query_groups))
             tgt = self.norm2(tgt + self._cross_attention(tgt, memory, query_pos, pos, memory_mask,
                                                          memory_key_padding_mask))
         return self._ffn(tgt, self.norm3)
+
+    def _grouped_self_attention(self, x, query_pos, attn_mask, key_padding_mask, groups: int):
+        """Self-attention within each of `groups` query groups: x [G * N, B, C] is folded to [N, G * B, C], so the
+        attention kernels see G times the batch (no dense block mask, no attention across groups)."""
+        if groups == 1:
+            return self._self_attention(x, query_pos, attn_mask, key_padding_mask)
+        if attn_mask is not None or key_padding_mask is not None:
+            raise ValueError("query groups take no decoder self-attention masks")
+        if x.shape[0] % groups:
+            raise ValueError(f"{x.shape[0]} queries do not split into {groups} groups")
+        out = self._self_attention(_fold_groups(x, groups), _fold_groups(query_pos, groups), None, None)
+        return _unfold_groups(out, groups)
 
     def _cross_attention(self, x, memory, query_pos, pos, memory_mask, memory_key_padding_mask):
         out = self.multihead_attn(query=_with_pos_embed(x, query_pos), key=_with_pos_embed(memory, pos),
@@ -175,6 +194,22 @@ class TransformerDecoderLayer(_SublayersMixin, nn.Module):
 
 def _with_pos_embed(tensor: Tensor, pos: Optional[Tensor]) -> Tensor:
     return tensor if pos is None else tensor + pos
+
+
+def _fold_groups(x: Optional[Tensor], groups: int) -> Optional[Tensor]:
+    """[G * N, B, C] -> [N, G * B, C], group g's queries in batch entries g * B .. g * B + B - 1."""
+    if x is None:
+        return None
+    length, batch, channels = x.shape
+    return x.view(groups, length // groups, batch, channels).transpose(0, 1).reshape(length // groups,
+                                                                                      groups * batch, channels)
+
+
+def _unfold_groups(x: Tensor, groups: int) -> Tensor:
+    """The inverse of _fold_groups: [N, G * B, C] -> [G * N, B, C]."""
+    length, folded, channels = x.shape
+    return x.view(length, groups, folded // groups, channels).transpose(0, 1).reshape(groups * length,
+                                                                                       folded // groups, channels)
 
 
 def _get_clones(module, n):

@@ -12,15 +12,15 @@ from pathlib import Path
 import torch
 
 from . import ops
-from .checkpoint import ARCHITECTURE, checkpoint_architecture
+from .checkpoint import ARCHITECTURE, checkpoint_architecture, checkpoint_query_groups
 
 # At least one, for the arguments counting things or sizes.
-POSITIVE = ("batch_size", "lr_drop", "print_freq", "num_queries", "hidden_dim", "nheads", "dec_layers",
+POSITIVE = ("batch_size", "lr_drop", "print_freq", "query_groups", "num_queries", "hidden_dim", "nheads", "dec_layers",
             "dim_feedforward", "min_size", "max_size", "synthetic_train", "synthetic_val")
 NON_NEGATIVE = ("epochs", "enc_layers", "num_workers", "start_epoch", "lr", "lr_backbone", "weight_decay",
                 "clip_max_norm")
 # What --resume keeps from the checkpoint besides the architecture: which parameters train (the optimizer's state).
-RESUMED = ARCHITECTURE + ("train_backbone_stem",)
+RESUMED = ARCHITECTURE + ("train_backbone_stem", "query_groups")
 # Training settings a resumed run may change; each change is applied and reported.
 HYPERPARAMETERS = ("lr", "lr_backbone", "weight_decay", "lr_drop", "epochs")
 # A class head this large for few categories means sparse category ids (labels are ids, as in the official code).
@@ -123,6 +123,8 @@ def take_architecture(args, checkpoint, name: str, resume: bool):
     saved = vars(checkpoint.get("args") or argparse.Namespace())
     if resume and "train_backbone_stem" in saved:
         taken["train_backbone_stem"] = saved["train_backbone_stem"]
+    if resume:  # the extra query groups are trained parameters, with optimizer state
+        taken["query_groups"] = checkpoint_query_groups(checkpoint)
     if not resume and not args.eval:
         del taken["num_classes"]  # fine-tuning: the classes come from the data, the class head is new
     given = set(getattr(args, "given_flags", ()))

@@ -1,0 +1,29 @@
+"""Training recipes: `official` is the paper's training unchanged; `fast` adds training-only accelerators, each also
+behind its own flag, that leave the trained model an official DETR (same architecture, state-dict keys and shapes,
+inference path).
+
+- query_groups K (Group DETR, Chen et al. 2022, arXiv 2207.13085): K groups of num_queries learned queries in
+  training, self-attention within each group, one-to-one matching per group, the groups' losses summed. More
+  positive (matched) queries per target and step, without the duplicates a one-to-many assignment would teach the
+  shipped queries: group 0 is the official model.
+
+A flag given on the command line wins over the recipe; `resolve_recipe` fills in the ones left unset (None).
+"""
+import argparse
+
+RECIPES = {
+    "official": {"query_groups": 1},
+    "fast": {"query_groups": 11},
+}
+
+
+def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """Set every accelerator setting that is None in args from RECIPES[args.recipe]; returns args."""
+    recipe = getattr(args, "recipe", None) or "official"
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    args.recipe = recipe
+    for key, value in RECIPES[recipe].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
