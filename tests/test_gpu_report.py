@@ -11,7 +11,8 @@ from PIL import Image
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 MODULES = ["gpu_report", "parity", "harness", "barchart", "bench_attention", "bench_position_embedding", "bench_ffn",
-           "bench_layers", "bench_transformer", "fastdetr.benchmark", "fastdetr.benchmark.step"]
+           "bench_layers", "bench_transformer", "fastdetr.benchmark", "fastdetr.benchmark.step",
+           "fastdetr.benchmark.convergence"]
 
 
 def test_report_tooling_imports_without_pycocotools():

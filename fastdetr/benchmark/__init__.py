@@ -3,7 +3,8 @@
 - (no mode) step.py: end-to-end throughput of a DETR training step and of inference, peak memory, step breakdown;
 - --data: data.py, images/s of one data loader worker, fastdetr's pipeline beside the official one;
 - --padding: padding.py, padded pixels and tokens of training batches with and without aspect-ratio grouping;
-- --official: official.py, DETR on the CPU beside the official code on the same weights, outputs checked.
+- --official: official.py, DETR on the CPU beside the official code on the same weights, outputs checked;
+- --convergence: convergence.py, AP50 per epoch and wall-clock of the `official` and `fast` training recipes.
 
 Each mode has flags of its own: ``python -m fastdetr.benchmark --MODE --help``.
 """
@@ -17,6 +18,8 @@ MODES = {
                            "(no model)"),
     "official": ("official", "time DETR on the CPU beside the official code instead (inference and a training step, "
                              "outputs checked)"),
+    "convergence": ("convergence", "train the official and fast recipes side by side instead (AP50 per epoch, "
+                                   "wall-clock, peak memory)"),
 }
 
 # Names code imports from `fastdetr.benchmark` (the throughput mode's, and the dispatching `main`), loaded on first

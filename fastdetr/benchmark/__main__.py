@@ -1,4 +1,4 @@
-"""``python -m fastdetr.benchmark [--data|--padding|--official] ...``: the mode's module runs with
+"""``python -m fastdetr.benchmark [--data|--padding|--official|--convergence] ...``: the mode's module runs with
 the other flags (no mode: the training and inference throughput, step.py)."""
 import importlib
 import sys

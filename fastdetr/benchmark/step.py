@@ -5,6 +5,7 @@
     python -m fastdetr.benchmark --data --official   # the data pipeline instead (fastdetr/benchmark/data.py)
     python -m fastdetr.benchmark --padding   # batch padding with and without aspect-ratio grouping instead
     python -m fastdetr.benchmark --official  # DETR-R50 on the CPU beside the official code, outputs checked
+    python -m fastdetr.benchmark --convergence   # the official and fast training recipes side by side
 
 For each configuration -- fastdetr's default (Triton kernels + bf16 autocast), the reference path in fp32 and the
 reference path with bf16 autocast -- it prints images/s and peak memory for training and for inference, where a
