@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Subset
 
 from fastdetr import build_model
 from fastdetr.build import get_args_parser as official_parser
+from fastdetr.checkpoint import safe_load
 from fastdetr.data import build_dataset, collate_fn, make_synthetic_coco
 from fastdetr.engine import evaluate, train_one_epoch
 from fastdetr.train import get_args_parser, parse_args
@@ -152,8 +153,10 @@ def test_mixed_precision_steps(coco, amp):
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
-def test_resume_continues_exactly(coco, tmp_path):
-    common = ["-m", "fastdetr.train", "--coco_path", str(coco), *TINY, "--num_workers", "1", "--lr_drop", "1"]
+@pytest.mark.parametrize("recipe", [[], ["--query_groups", "3"]], ids=["official", "query_groups"])
+def test_resume_continues_exactly(coco, tmp_path, recipe):
+    common = ["-m", "fastdetr.train", "--coco_path", str(coco), *TINY, "--num_workers", "1", "--lr_drop", "1",
+              *recipe]
     run_cli(*common, "--epochs", "2", "--output_dir", "straight", cwd=tmp_path)
     run_cli(*common, "--epochs", "1", "--output_dir", "resumed", cwd=tmp_path)
     out = run_cli(*common, "--epochs", "2", "--output_dir", "resumed", "--resume", "resumed/checkpoint.pth",
@@ -167,6 +170,10 @@ def test_resume_continues_exactly(coco, tmp_path):
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["lr_scheduler"] == b["lr_scheduler"] and a["epoch"] == b["epoch"] == 1
+    if recipe:  # every query group is in the training checkpoint; the best model is the official DETR
+        assert a["model"]["extra_query_embed.weight"].shape == (16, 32)
+        best = safe_load(tmp_path / "resumed" / "model.pth")
+        assert "extra_query_embed.weight" not in best["model"]
 
 
 DDP_SCRIPT = """
