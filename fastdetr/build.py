@@ -68,6 +68,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                       help="Group DETR: K groups of --num_queries queries in training, self-attention within a "
                            "group, one-to-one matching per group; evaluation and the saved model use group 0 only "
                            "(default: the recipe's; official 1, fast %d)" % RECIPES["fast"]["query_groups"])
+    fast.add_argument("--dense_aux_coef", default=None, type=float, metavar="W",
+                      help="weight of a training-only dense head on the encoder output (every token inside an object "
+                           "predicts its class and box; fastdetr.dense_aux), 0: none; its losses are weighted like "
+                           "DETR's (W x 1, W x --bbox_loss_coef, W x --giou_loss_coef) and it is not in the saved "
+                           "model (default: the recipe's; official 0, fast %g)" % RECIPES["fast"]["dense_aux_coef"])
 
     data = parser.add_argument_group("data and run")
     data.add_argument("--coco_path", type=str,
@@ -122,17 +127,21 @@ def num_classes_for(args) -> int:
 
 def build_model(args):
     """Returns (model, criterion, postprocessors) like the official build; the criterion is moved to args.device.
-    Accelerator settings left None (args.query_groups) are first set from args.recipe (fastdetr.recipe)."""
+    Accelerator settings left None (args.query_groups, args.dense_aux_coef) are first set from args.recipe (fastdetr.recipe)."""
     if args.masks or args.frozen_weights is not None:
         raise ValueError("the segmentation head (--masks / --frozen_weights) is not supported by fastdetr")
     device = torch.device(args.device)
     num_classes = num_classes_for(args)
     resolve_recipe(args)
     model = DETR(build_backbone(args), build_transformer(args), num_classes=num_classes,
-                 num_queries=args.num_queries, aux_loss=args.aux_loss, query_groups=args.query_groups)
+                 num_queries=args.num_queries, aux_loss=args.aux_loss, query_groups=args.query_groups,
+                 dense_head=args.dense_aux_coef > 0)
     weight_dict = {"loss_ce": 1, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
     if args.aux_loss:
         weight_dict.update({f"{k}_{i}": v for i in range(args.dec_layers - 1) for k, v in list(weight_dict.items())})
+    if args.dense_aux_coef > 0:
+        weight_dict.update({f"loss_dense_{k[5:]}": args.dense_aux_coef * weight_dict[k]
+                            for k in ("loss_ce", "loss_bbox", "loss_giou")})
     criterion = SetCriterion(num_classes, matcher=build_matcher(args), weight_dict=weight_dict,
                              eos_coef=args.eos_coef, losses=["labels", "boxes", "cardinality"])
     criterion.to(device)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
+from .dense_aux import dense_losses
 from .misc import get_world_size, is_dist_avail_and_initialized
 
 LOSSES = ("labels", "cardinality", "boxes")
@@ -94,9 +95,13 @@ class SetCriterion(nn.Module):
         are sums over matched pairs, and every group has the same matched count, so the cross entropy's weighted
         mean over G x B images is the groups' mean: times G, their sum. The diagnostics (class_error,
         cardinality_error) are then averages over the groups.
+
+        With the training-only dense head (outputs["dense_outputs"]) its losses are added: fastdetr.dense_aux.
         """
         groups = outputs.get("group_outputs", [])
         num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
+        losses = {} if "dense_outputs" not in outputs else dense_losses(outputs["dense_outputs"], targets,
+                                                                        self.empty_weight)
         if groups:
             outputs = _fold_groups([outputs, *groups])
             targets = targets * (len(groups) + 1)
@@ -104,7 +109,6 @@ class SetCriterion(nn.Module):
         device = outputs["pred_logits"].device
         matched = self._matched_layers(self.matcher.match_layers(layers, targets), targets, device)
 
-        losses = {}
         for loss in self.losses:
             losses.update(self.get_loss(loss, layers[0], targets, matched[0], num_boxes))
         for i, (aux_outputs, indices) in enumerate(zip(layers[1:], matched[1:])):

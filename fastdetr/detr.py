@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dense_aux import DenseHead
 from .misc import NestedTensor, nested_tensor_from_tensor_list
 
 
@@ -17,9 +18,13 @@ class DETR(nn.Module):
     queries (`extra_query_embed`, a training-only parameter), each attending to itself only in the decoder and
     matched one-to-one to the targets on its own. In training the extra groups' predictions are returned under
     "group_outputs"; in evaluation the model is the official DETR (group 0, `query_embed`, only).
+
+    dense_head=True adds a training-only head on the encoder output (fastdetr.dense_aux.DenseHead, `dense_head.*`)
+    whose per-token predictions are returned in training under "dense_outputs".
     """
 
-    def __init__(self, backbone, transformer, num_classes, num_queries, aux_loss=False, query_groups=1):
+    def __init__(self, backbone, transformer, num_classes, num_queries, aux_loss=False, query_groups=1,
+                 dense_head=False):
         super().__init__()
         if query_groups < 1:
             raise ValueError(f"query_groups must be at least 1, got {query_groups}")
@@ -35,6 +40,7 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
+        self.dense_head = DenseHead(hidden_dim, num_classes) if dense_head else None
 
     def forward(self, samples: Union[NestedTensor, List[Tensor], Tensor]):
         """samples: a NestedTensor, a list of [3, H, W] images or a [B, 3, H, W] batch, as floating-point tensors
@@ -44,7 +50,8 @@ class DETR(nn.Module):
 
         Returns a dict with pred_logits [B, Nq, num_classes + 1], pred_boxes [B, Nq, 4] (normalised cx, cy, w, h)
         and, with aux_loss, aux_outputs: the same two for every decoder layer but the last. Training with query
-        groups adds group_outputs: one such dict (without group_outputs) for each extra group.
+        groups adds group_outputs: one such dict (without group_outputs) for each extra group; training with the
+        dense head adds dense_outputs (fastdetr.dense_aux.DenseHead.forward).
         """
         if isinstance(samples, (list, tuple)) or isinstance(samples, Tensor):
             if isinstance(samples, Tensor) and samples.ndim != 4:
@@ -63,15 +70,18 @@ class DETR(nn.Module):
         queries = self.query_embed.weight
         if groups > 1:
             queries = torch.cat([queries, self.extra_query_embed.weight])
-        hs = self.transformer(self.input_proj(src), mask, queries, pos[-1], query_groups=groups)[0]
+        hs, memory = self.transformer(self.input_proj(src), mask, queries, pos[-1], query_groups=groups)
         outputs_class = self.class_embed(hs)
         outputs_coord = self.bbox_embed(hs).sigmoid()
         if groups == 1:
-            return self._outputs(outputs_class, outputs_coord)
-        outs = [self._outputs(c, b) for c, b in zip(outputs_class.chunk(groups, dim=2),
-                                                     outputs_coord.chunk(groups, dim=2))]
-        outs[0]["group_outputs"] = outs[1:]
-        return outs[0]
+            out = self._outputs(outputs_class, outputs_coord)
+        else:
+            outs = [self._outputs(c, b) for c, b in zip(outputs_class.chunk(groups, dim=2),
+                                                         outputs_coord.chunk(groups, dim=2))]
+            out = {**outs[0], "group_outputs": outs[1:]}
+        if self.training and self.dense_head is not None:
+            out["dense_outputs"] = self.dense_head(memory, pos[-1], mask)
+        return out
 
     def _outputs(self, outputs_class, outputs_coord):
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}

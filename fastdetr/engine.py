@@ -26,7 +26,7 @@ def _to_float(outputs):
         return {k: _to_float(v) for k, v in outputs.items()}
     if isinstance(outputs, list):
         return [_to_float(v) for v in outputs]
-    return outputs.float()
+    return outputs.float() if outputs.is_floating_point() else outputs
 
 
 def _stat_values(loss_dict, weight_dict):

@@ -62,7 +62,8 @@ def model_args(checkpoint, device, dilation=False, name="the checkpoint"):
             setattr(args, key, value)
     vars(args).update(checkpoint_architecture(checkpoint, name, dilation))
     args.pretrained_backbone = False
-    args.query_groups = 1  # Group DETR's extra queries are training-only: inference is group 0, the official model
+    # the recipe's accelerators are training-only: inference is the official model
+    args.query_groups, args.dense_aux_coef = 1, 0.0
     saved = vars(checkpoint.get("args") or argparse.Namespace())
     # the scale it was trained at (fastdetr.train's flags, not build_model's): official checkpoints have none, 800
     args.min_size, args.max_size = saved.get("min_size", 800), saved.get("max_size", 1333)

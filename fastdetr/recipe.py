@@ -6,14 +6,17 @@ inference path).
   training, self-attention within each group, one-to-one matching per group, the groups' losses summed. More
   positive (matched) queries per target and step, without the duplicates a one-to-many assignment would teach the
   shipped queries: group 0 is the official model.
+- dense_aux_coef W (Co-DETR's collaborative one-to-many assignment, Zong et al. 2023, arXiv 2211.12860, in its
+  simplest form): a dense head on the encoder output, every token inside an object trained to its class and box,
+  its losses weighted W times DETR's; discarded after training (fastdetr.dense_aux).
 
 A flag given on the command line wins over the recipe; `resolve_recipe` fills in the ones left unset (None).
 """
 import argparse
 
 RECIPES = {
-    "official": {"query_groups": 1},
-    "fast": {"query_groups": 11},
+    "official": {"query_groups": 1, "dense_aux_coef": 0.0},
+    "fast": {"query_groups": 11, "dense_aux_coef": 1.0},
 }
 
 

@@ -34,7 +34,8 @@ import torchvision
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from . import build
-from .checkpoint import EXTRA_QUERIES, CheckpointError, check_optimizer_state, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, check_optimizer_state, load_checkpoint, official_state_dict,
+                         save_checkpoint)
 from .data import DataError, build_dataset, collate_uint8, make_hard_synthetic_coco, make_synthetic_coco
 from .data.batching import (BatchScaleSampler, GroupedBatchSampler, aspect_ratio_bins, aspect_ratio_groups,
                             image_aspect_ratios)
@@ -400,10 +401,10 @@ def save_config(args, output_dir: Path):
 
 def deployment_checkpoint(model, args, class_names, threshold, epoch, ap, half: bool = False) -> dict:
     """Weights, the settings that rebuild the model, class names and the score threshold: what --eval, --finetune,
-    predict and fastdetr.Detector need, without the optimizer state and without Group DETR's training-only query
-    groups (the official DETR's state dict). half: floating tensors in 16 bits (model.pth;
+    predict and fastdetr.Detector need, without the optimizer state and without the training-only parameters of
+    the recipe's accelerators (the official DETR's state dict). half: floating tensors in 16 bits (model.pth;
     they are loaded back into float32)."""
-    state = {k: v for k, v in model.state_dict().items() if k != EXTRA_QUERIES}  # the official model: group 0
+    state = official_state_dict(model.state_dict())
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     return {"model": state, "args": args, "class_names": class_names, "score_threshold": threshold, "epoch": epoch,
