@@ -72,6 +72,7 @@ def test_summary_of_hand_made_runs():
     (["--dataset", "hard", "--coco_path", "data"], "not both"),
     (["--epochs", "x"], "invalid int value"),
     (["--", "--seed", "3"], "--seed after `--`"),
+    (["--jobs", "0"], "--jobs 0: must be at least 1"),
 ])
 def test_flag_errors_are_one_line_before_anything_runs(flags, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -93,7 +94,7 @@ def test_train_flags_rejected_by_train_are_one_line():
 
 
 FAKE_WORKER = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     result, argv = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
     recipe, seed = argv[argv.index("--recipe") + 1], int(argv[argv.index("--seed") + 1])
     epochs = int(argv[argv.index("--epochs") + 1])
@@ -111,13 +112,14 @@ FAKE_WORKER = textwrap.dedent("""
         print("training noise that is not JSON", flush=True)
         print(json.dumps({"epoch": record}), flush=True)
     out = {"argv": argv, "epochs": records, "peak_rss_mib": 100.0 if recipe == "official" else 90.0,
-           "peak_cuda_mib": None, "error": None, "device": "cpu"}
+           "peak_cuda_mib": None, "error": None, "device": "cpu", "threads": os.environ.get("OMP_NUM_THREADS")}
     open(result, "w").write(json.dumps(out))
     print(json.dumps({"done": {"error": None}}), flush=True)
 """)
 
 
-def test_orchestration_with_a_fake_worker(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_orchestration_with_a_fake_worker(tmp_path, monkeypatch, capsys, jobs):
     monkeypatch.setattr(convergence, "worker_command",
                         lambda result, argv: [sys.executable, "-c", FAKE_WORKER, str(result), "--", *argv])
     checked = []
@@ -126,9 +128,11 @@ def test_orchestration_with_a_fake_worker(tmp_path, monkeypatch, capsys):
         checked.append(argv)
         return SimpleNamespace(epochs=16, lr_drop=3)
     monkeypatch.setattr(convergence, "check_train_flags", check)
+    monkeypatch.setattr(convergence.os, "cpu_count", lambda: 4)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
     out = tmp_path / "bench"
     code = benchmark_main(["--convergence", "--dataset", "hard", "--seeds", "0", "1", "2", "--epochs", "4",
-                           "--out", str(out), "--", "--synthetic_train", "16"])
+                           "--out", str(out), "--jobs", str(jobs), "--", "--synthetic_train", "16"])
     printed = capsys.readouterr().out
     assert code == 1  # fast seed 2 failed
     assert [a[a.index("--recipe") + 1] for a in checked] == ["official", "fast"]
@@ -138,6 +142,8 @@ def test_orchestration_with_a_fake_worker(tmp_path, monkeypatch, capsys):
 
     result = json.loads((out / "results.json").read_text())
     assert result["schedule"] == {"epochs": 4, "lr_drop": 3}
+    # side by side, each run gets its share of the cores; one at a time, the environment's threads
+    assert {r.get("threads") for r in result["runs"][:-1]} == {"2" if jobs == 2 else "7"}
     assert all(r["argv"][r["argv"].index("--lr_drop") + 1] == "3" for r in result["runs"])
     assert [(r["recipe"], r["seed"]) for r in result["runs"]] == [
         ("official", 0), ("fast", 0), ("official", 1), ("fast", 1), ("official", 2), ("fast", 2)]
