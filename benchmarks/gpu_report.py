@@ -6,13 +6,17 @@ every benchmark, written up as a markdown report with a PNG chart.
 Needs fastdetr installed (`pip install -e .`), no network and no pycocotools. Every stage runs in its own
 process, so a kernel that fails to compile or crashes its CUDA context costs only its own stage: the failure goes
 into the report and the rest still runs. The stages share a time budget (--budget-s); the benchmark suites skip
-the cases they have no time left for, and the report lists them. `--cpu` runs the pipeline with the CPU cases and
-a small end-to-end configuration (parity needs CUDA and is skipped): a dry run for machines without a GPU.
+the cases they have no time left for, and the report lists them. The cost of Group DETR's query groups (the `fast`
+recipe's K = 11) has a section of its own: the decoder layer at K = 1 and K = 11 (bench_layers.py) and fastdetr's
+training step at both (the end-to-end stage runs `python -m fastdetr.benchmark --query-groups 11 --configs
+fastdetr` after its own run). `--cpu` runs the pipeline with the CPU cases and a small end-to-end configuration
+(parity needs CUDA and is skipped): a dry run for machines without a GPU.
 """
 import argparse
 import json
 import math
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -26,6 +30,7 @@ import torch
 
 import barchart
 import parity
+from fastdetr.recipe import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = ("attention", "position_embedding", "ffn", "layers", "transformer")  # in the order they run
@@ -39,6 +44,13 @@ KERNEL_TESTS = ("tests/test_rng.py", "tests/test_attention_kernel.py", "tests/te
 E2E_CPU_ARGS = ["--device", "cpu", "--backbone", "resnet18", "--image-size", "256", "--batch-size", "2",
                 "--steps", "2"]
 TESTS_TIMEOUT_S, PARITY_TIMEOUT_S, E2E_TIMEOUT_S = 240, 240, 180
+# Group DETR (--query_groups K): the end-to-end stage also times fastdetr's training step at the `fast` recipe's K,
+# beside its K = 1 run (one configuration, so a short run); the layer suite times the decoder layer at K = 1 and K.
+QUERY_GROUPS = RECIPES["fast"]["query_groups"]
+E2E_GROUPS_TIMEOUT_S = 120
+# On a CPU (dry run) the fp32 reference: bf16 autocast on a CPU without bf16 units takes over a minute a step there.
+E2E_GROUPS_CONFIG, E2E_GROUPS_CPU_CONFIG = "fastdetr", "reference-fp32"
+GROUP_SHAPE = re.compile(r"decoder_K(\d+)$")  # bench_layers.py's query-group shapes
 
 # (goal, issues, group, faster implementation, slower implementation, at least this speedup)
 GOALS = (
@@ -119,7 +131,8 @@ def run_stages(args: argparse.Namespace, out: Path) -> dict:
     python = sys.executable
     end = time.time() + args.budget_s
     stages: List[Stage] = []
-    results: dict = {"parity": [], "parity_skipped": None, "e2e": None, "benchmarks": [], "outcomes": []}
+    results: dict = {"parity": [], "parity_skipped": None, "e2e": None, "e2e_groups": None, "benchmarks": [],
+                     "outcomes": []}
 
     if "tests" in args.stages and not args.cpu:
         junit_path = raw / "kernel-tests.xml"
@@ -152,6 +165,13 @@ def run_stages(args: argparse.Namespace, out: Path) -> dict:
                       logs / "e2e.log", min(E2E_TIMEOUT_S, end - time.time())).wait()
         stages.append(stage)
         results["e2e"] = _load_json(raw / "e2e.json")
+        stage = Stage(f"end to end, {QUERY_GROUPS} query groups",
+                      [python, "-m", "fastdetr.benchmark", *e2e_args, "--query-groups", str(QUERY_GROUPS),
+                       "--configs", E2E_GROUPS_CPU_CONFIG if args.cpu else E2E_GROUPS_CONFIG,
+                       "--json", str(raw / "e2e-groups.json")],
+                      logs / "e2e-groups.log", min(E2E_GROUPS_TIMEOUT_S, end - time.time())).wait()
+        stages.append(stage)
+        results["e2e_groups"] = _load_json(raw / "e2e-groups.json")
 
     if "benchmarks" in args.stages:
         for suite in args.suites:
@@ -295,6 +315,60 @@ def _e2e_section(e2e: Optional[dict]) -> List[str]:
     return lines + [""]
 
 
+def _ratio(base: Optional[float], other: Optional[float]) -> str:
+    """other / base, or "-" where either is missing."""
+    return f"{other / base:.2f}x" if base and other is not None else "-"
+
+
+def _groups_section(benchmarks: List[dict], e2e: Optional[dict], e2e_groups: Optional[dict]) -> List[str]:
+    """The cost of Group DETR's K query groups: the decoder layer at K = 1 and K (bench_layers.py) and fastdetr's
+    training step at K = 1 (the end-to-end stage) and K, as times and their ratio."""
+    lines = [f"## Query groups (Group DETR, K = {QUERY_GROUPS} as the `fast` recipe trains)", ""]
+    layer: Dict[tuple, Dict[int, dict]] = defaultdict(dict)
+    for b in benchmarks:
+        e = b["extra_info"]
+        match = GROUP_SHAPE.match(e["shape"]) if e["op"] == "decoder_layer" else None
+        if match:
+            key = (e["impl"], e["batch"], e["dtype"], "fwd+bwd" if e["backward"] else "fwd", e["device"])
+            layer[key][int(match.group(1))] = e
+    rows = []
+    for key, by_k in layer.items():
+        for k in sorted(k for k in by_k if k != 1):
+            one, many = by_k.get(1), by_k[k]
+            rows.append([*key, k, _ms(one["median_ms"]) if one else "-", _ms(many["median_ms"]),
+                         _ratio(one and one["median_ms"], many["median_ms"]), many.get("tokens", "-"),
+                         f"{many['padded_fraction']:.0%}" if "padded_fraction" in many else "-"])
+    lines += ["Decoder layer (benchmarks/bench_layers.py, shapes `decoder_K1` and `decoder_K<K>`): K x 100 queries, "
+              "self-attention within each group (the groups folded into the batch), cross-attention and FFN over all "
+              "K x 100 against the encoder memory; training mode, dropout 0.1.", ""]
+    if rows:
+        lines += _table(["impl", "B", "dtype", "pass", "device", "K", "K=1 ms", "K ms", "K / K=1", "memory tokens",
+                         "padded keys"], rows)
+    else:
+        lines += ["Not measured (see the stage table and logs/bench-layers.log)."]
+
+    # the configuration the K run timed, against the same configuration of the end-to-end stage (K = 1)
+    config = next((c.get("config") for c in (e2e_groups or {}).get("configs", [])), E2E_GROUPS_CONFIG)
+
+    def train(result: Optional[dict]) -> Optional[dict]:
+        done = [c for c in (result or {}).get("configs", []) if c.get("config") == config and "error" not in c]
+        return done[0]["train"] if done else None
+    one, many = train(e2e), train(e2e_groups)
+    lines += ["", f"Training step of DETR (`python -m fastdetr.benchmark --query-groups {QUERY_GROUPS} --configs "
+              f"{config}` against the end-to-end stage's {config} configuration, K = 1; same model, batch and "
+              "images):", ""]
+    if not (one and many):
+        return lines + ["Not measured (see the stage table and logs/e2e.log, logs/e2e-groups.log).", ""]
+    table = [["step", _ms(one["step_ms"]), _ms(many["step_ms"]), _ratio(one["step_ms"], many["step_ms"])]]
+    table += [[phase, _ms(one["breakdown_ms"][phase]), _ms(many["breakdown_ms"].get(phase)),
+               _ratio(one["breakdown_ms"][phase], many["breakdown_ms"].get(phase))] for phase in one["breakdown_ms"]]
+    table += [["peak MiB", _ms(one["peak_mib"]), _ms(many["peak_mib"]), _ratio(one["peak_mib"], many["peak_mib"])],
+              ["kernels", _count(one["kernels"]), _count(many["kernels"]), _ratio(one["kernels"], many["kernels"])],
+              ["syncs", _count(one["syncs"]), _count(many["syncs"]), _ratio(one["syncs"], many["syncs"])]]
+    return lines + _table(["training step", "K=1 ms", f"K={QUERY_GROUPS} ms", f"K={QUERY_GROUPS} / K=1"],
+                          table) + [""]
+
+
 def _benchmark_section(benchmarks: List[dict], medians: Dict[str, Dict[str, float]]) -> List[str]:
     lines = ["## Benchmarks (`pytest benchmarks/ --benchmark-only`)", ""]
     if not benchmarks:
@@ -353,6 +427,7 @@ def write_report(results: dict, out: Path, args: argparse.Namespace, seconds: fl
     lines += _table(["goal", "issue", "measured", "target", "met"], _goal_rows(medians)) + [""]
     lines += _parity_section(results["parity"], results["parity_skipped"])
     lines += _e2e_section(results["e2e"])
+    lines += _groups_section(results["benchmarks"], results["e2e"], results.get("e2e_groups"))
     batches = {b["extra_info"]["batch"] for b in results["benchmarks"]}
     if batches:
         batch = 4 if 4 in batches else min(batches)

@@ -3,9 +3,15 @@
 Shapes: heads 8, head dim 32, bf16, batches of 2, 4 and 8 COCO-like images at the evaluation scale (shorter side
 800, longer at most 1333, stride 32: `coco_like_masks`); encoder self-attention over the padded H x W tokens,
 decoder self-attention 100 x 100, decoder cross-attention 100 x tokens. Training launches use dropout 0.1.
+
+Query groups (Group DETR training, `--query_groups K`; the `fast` recipe's K = 11): the decoder's launches at
+K = 1 and K = 11, batch 4, on the training-scale batch the GPU benchmarks time (benchmarks/harness.c5_mask: 800 x
+1066 padded, 25 x 34 = 850 tokens): self-attention with the groups folded into the batch (K x 4 samples of
+100 x 100, no mask), cross-attention K x 100 queries against the 850 keys with the mask (`group_kernel_cases`,
+summed per decoder layer with the FFN's launches at K x 100 x 4 rows in `group_notes`).
 """
 import random
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -113,7 +119,7 @@ def launch_args(fn, cfg, *, batch: int, heads: int, lq: int, lk: int, head_dim: 
     return args
 
 
-def _cases_for(shape: str, batch: int, lq: int, mask, dropout: bool, kernels) -> List[KernelCase]:
+def _cases_for(shape: str, batch: int, lq: int, mask, dropout: bool, kernels, label: str = "") -> List[KernelCase]:
     from fastdetr.kernels.attention import (_attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, attention_config_candidates,
                                             programs, static_pick)
     fns = {"fwd": _attn_fwd, "bwd_dq": _attn_bwd_dq, "bwd_dkdv": _attn_bwd_dkdv}
@@ -141,7 +147,7 @@ def _cases_for(shape: str, batch: int, lq: int, mask, dropout: bool, kernels) ->
         flops = ctas * iterations * mmas * 2 * cfg.block_m * cfg.block_n * HEAD_DIM
         mma_kind = "wgmma" if min(cfg.block_m, cfg.block_n) >= 64 and cfg.num_warps % 4 == 0 else "mma"
         cases.append(KernelCase(
-            "attention", f"{shape} B={batch} ({lq}x{lk})", kernel, fns[kernel],
+            "attention", label or f"{shape} B={batch} ({lq}x{lk})", kernel, fns[kernel],
             launch_args(fns[kernel], cfg, batch=batch, heads=HEADS, lq=lq, lk=lk, masked=mask is not None,
                         dropout=dropout), cfg.num_warps, cfg.num_stages,
             ctas, iterations, flops, dram, "dropout 0.1" if dropout else "no dropout",
@@ -158,6 +164,40 @@ def kernel_cases() -> List[KernelCase]:
             cases += _cases_for("encoder self", batch, tokens, mask, dropout, kernels)
             cases += _cases_for("decoder self", batch, QUERIES, None, dropout, kernels)
             cases += _cases_for("decoder cross", batch, QUERIES, mask, dropout, kernels)
+    return cases + group_kernel_cases()
+
+
+# ------------------------------------------------------------------------------------------ query groups
+
+def _fast_groups() -> int:
+    from fastdetr.recipe import RECIPES
+    return RECIPES["fast"]["query_groups"]
+
+
+GROUPS = (1, _fast_groups())  # official DETR, and fastdetr.recipe's `fast` (Group DETR, --query_groups 11)
+GROUP_BATCH = 4
+TRAINING_KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+
+
+def training_mask(batch: int = GROUP_BATCH) -> torch.Tensor:
+    """Key padding mask [B, 850] of the training-scale batch the GPU benchmarks and `python -m fastdetr.benchmark`
+    use (COCO-like images, shorter side up to 800, padded to 800 x 1066: a 25 x 34 C5 map)."""
+    from harness import c5_mask
+    return c5_mask(batch).flatten(1)
+
+
+def group_kernel_cases(groups: Tuple[int, ...] = GROUPS, batch: int = GROUP_BATCH) -> List[KernelCase]:
+    """The decoder's attention launches in training (dropout 0.1) with `groups` query groups each: self-attention
+    over the groups folded into the batch (K x B samples of 100 x 100, no mask; transformer._fold_groups) and
+    cross-attention of K x 100 queries against the encoder memory (with its key padding mask)."""
+    mask = training_mask(batch)
+    tokens = mask.shape[1]
+    cases = []
+    for k in groups:
+        cases += _cases_for("", k * batch, QUERIES, None, True, TRAINING_KERNELS,
+                            label=f"decoder self K={k} B={batch} (batch {k * batch}, {QUERIES}x{QUERIES})")
+        cases += _cases_for("", batch, k * QUERIES, mask, True, TRAINING_KERNELS,
+                            label=f"decoder cross K={k} B={batch} ({k * QUERIES}x{tokens})")
     return cases
 
 
@@ -206,5 +246,77 @@ def _host_cases() -> List[HostCase]:
                      inference(triton_path, tiny), inference(reference_path, tiny))]
 
 
+def _ffn_group_cases(rows: int) -> Dict[str, List[KernelCase]]:
+    """The FFN's Triton launches in one training step of a decoder layer at `rows` rows (static_ffn's cases):
+    forward (linear1 with dropout, linear2's epilogue after cuBLAS) and backward (LN + dropout rows, dh, sums)."""
+    import static_ffn
+    name = f"decoder ({rows} rows)"
+    epilogue, rows_bwd, sums = static_ffn._row_cases(name, rows)
+    return {"fwd": [static_ffn._linear1_case(name, rows, backward=False, dropout=True), epilogue],
+            "bwd": [rows_bwd, static_ffn._linear1_case(name, rows, backward=True, dropout=False), sums]}
+
+
+def group_notes(groups: Tuple[int, ...] = GROUPS, batch: int = GROUP_BATCH) -> List[str]:
+    """One decoder layer's Triton launches in training at the first and last of `groups` query groups: CTAs against
+    the SMs and the estimated time (static_model.estimate, H100) of each, summed per layer and pass; the FFN's
+    cuBLAS GEMMs (not Triton launches, so not compiled here) as flops and their floor at the model's tensor
+    rate."""
+    from static_model import H100, LAUNCH_LATENCY_US, analyse, estimate
+    from static_ffn import D_MODEL as FFN_D, HIDDEN
+
+    mask = training_mask(batch)
+    first, last = groups[0], groups[-1]
+    by_groups = {k: [] for k in (first, last)}  # (part, launch, pass, case)
+    for k in by_groups:
+        for case in group_kernel_cases((k,), batch):
+            part = "self-attention" if case.shape.startswith("decoder self") else "cross-attention"
+            by_groups[k].append((part, case.kernel, "fwd" if case.kernel == "fwd" else "bwd", case))
+        for passes, cases in _ffn_group_cases(k * QUERIES * batch).items():
+            by_groups[k] += [("FFN", case.kernel, passes, case) for case in cases]
+
+    def us(case):
+        return estimate(case, analyse(case.fn, 90, case.args, case.num_warps, case.num_stages), H100).us
+
+    def ctas(case):
+        return f"{case.ctas} ({case.ctas / H100.sms:.2f}x)"
+
+    times = {k: [us(row[3]) for row in rows] for k, rows in by_groups.items()}
+    lines = [f"Query groups (Group DETR training, `--query_groups K`; the `fast` recipe's K = {last}): one decoder "
+             f"layer's Triton launches at K = {first} and K = {last}, batch {batch}, on the training-scale batch "
+             f"of the GPU benchmarks ({mask.shape[1]} tokens, {mask.float().mean().item():.1%} padded keys), bf16, "
+             "dropout 0.1. Self-attention runs the groups folded into the batch (K x B samples of 100 x 100, no "
+             "mask), cross-attention K x 100 queries against the memory with the mask, the FFN K x 100 x B rows. "
+             f"Estimated us on {H100.name} (static_model.estimate: estimates, not measurements):", "",
+             f"| part | launch | pass | K={first}: CTAs (vs 132 SMs) | est. us | K={last}: CTAs (vs 132 SMs) | est. us "
+             f"| K={last} / K={first} |", "|---|---|---|---|---|---|---|---|"]
+    for i, (part, kernel, passes, case) in enumerate(by_groups[first]):
+        other = by_groups[last][i][3]
+        a, b = times[first][i], times[last][i]
+        lines.append(f"| {part} | {kernel} | {passes} | {ctas(case)} | {a:.1f} | {ctas(other)} | {b:.1f} | "
+                     f"{b / a:.2f}x |")
+
+    def total(k, parts, passes):
+        return sum(t for t, row in zip(times[k], by_groups[k]) if row[0] in parts and row[2] in passes)
+    attention = ("self-attention", "cross-attention")
+    for name, parts in (("attention (self + cross)", attention), ("FFN, Triton launches", ("FFN",)),
+                        ("attention + FFN Triton launches", attention + ("FFN",))):
+        for passes in (("fwd",), ("bwd",), ("fwd", "bwd")):
+            a, b = total(first, parts, passes), total(last, parts, passes)
+            lines.append(f"| **{name}, per layer** | | {'+'.join(passes)} | | **{a:.1f}** | | **{b:.1f}** | "
+                         f"{b / a:.2f}x |")
+    rate = 4096 * H100.sms * H100.clock_ghz * 1e9  # the model's dense bf16 wgmma rate, flops / s
+    lines += ["", f"The FFN's cuBLAS GEMMs (forward: h W2^T; backward: dW1, dW2, dx), per layer: floor = flops / "
+              f"the model's tensor rate ({rate / 1e12:.0f} TFLOPS) + {LAUNCH_LATENCY_US:g} us launch each (a floor, "
+              "not an estimate of cuBLAS):", "",
+              "| K | rows | forward GEMM GFLOP | floor us | backward GEMMs GFLOP | floor us |",
+              "|---|---|---|---|---|---|"]
+    for k in (first, last):
+        rows = k * QUERIES * batch
+        gemm = 2.0 * rows * FFN_D * HIDDEN
+        lines.append(f"| {k} | {rows} | {gemm / 1e9:.2f} | {gemm / rate * 1e6 + LAUNCH_LATENCY_US:.1f} | "
+                     f"{3 * gemm / 1e9:.2f} | {3 * (gemm / rate * 1e6 + LAUNCH_LATENCY_US):.1f} |")
+    return lines
+
+
 def suite() -> StaticSuite:
-    return StaticSuite(kernel_cases(), _host_cases(), padding_notes())
+    return StaticSuite(kernel_cases(), _host_cases(), padding_notes() + [""] + group_notes())

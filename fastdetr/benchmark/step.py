@@ -223,7 +223,8 @@ def _timed_steps(step: Callable[[Timeline], None], steps: int, warmup: int, devi
 def run_config(config: Config, args: argparse.Namespace, device: torch.device) -> dict:
     """Measure training and inference of a freshly built DETR under `config`."""
     torch.manual_seed(args.seed)
-    model_args = default_args(backbone=args.backbone, device=str(device))
+    model_args = default_args(backbone=args.backbone, device=str(device),
+                              query_groups=getattr(args, "query_groups", 1))
     model, criterion, postprocessors = build_model(model_args)
     model.to(device)
     optimizer = make_optimizer(model, device)
@@ -302,7 +303,8 @@ def report(result: dict) -> str:
     padding = 1 - sum(h * w for h, w in sizes) / (len(sizes) * canvas[0] * canvas[1])
     lines = [f"DETR-{args['backbone']}, batch {args['batch_size']}, images {sizes[0][0]}x{sizes[0][1]} and smaller "
              f"(padded batch {canvas[0]}x{canvas[1]}, {padding:.0%} padding), {args['steps']} steps after "
-             f"{args['warmup']} warm-up",
+             f"{args['warmup']} warm-up" + (f", training with {args['query_groups']} query groups"
+                                            if args.get("query_groups", 1) > 1 else ""),
              f"{env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | {env['date']}",
              ""]
     done = [r for r in result["configs"] if "error" not in r]
@@ -345,6 +347,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--configs", nargs="+", default=[c.name for c in CONFIGS],
                         choices=[c.name for c in CONFIGS])
+    parser.add_argument("--query-groups", type=int, default=1, metavar="K",
+                        help="Group DETR training (fastdetr-train --query_groups; the fast recipe's K is 11): K "
+                             "groups of 100 queries in the training step; inference is the official DETR's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
     for mode, (_, text) in MODES.items():  # dispatched by __main__.py; listed here for --help
@@ -359,8 +364,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .__main__ import main as dispatch
         return dispatch(argv)
     args = get_args_parser().parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.warmup < 0:
-        raise SystemExit("--steps and --batch-size must be at least 1, --warmup at least 0")
+    if args.steps < 1 or args.batch_size < 1 or args.warmup < 0 or args.query_groups < 1:
+        raise SystemExit("--steps, --batch-size and --query-groups must be at least 1, --warmup at least 0")
     device = torch.device(args.device)
     result = {"environment": environment(device), "args": vars(args), "configs": []}
     for config in CONFIGS:
