@@ -73,6 +73,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                            "predicts its class and box; fastdetr.dense_aux), 0: none; its losses are weighted like "
                            "DETR's (W x 1, W x --bbox_loss_coef, W x --giou_loss_coef) and it is not in the saved "
                            "model (default: the recipe's; official 0, fast %g)" % RECIPES["fast"]["dense_aux_coef"])
+    fast.add_argument("--dn_box_noise", default=None, type=float, metavar="LAMBDA",
+                      help="denoising queries (DN-DETR): in training, the targets' boxes with this much noise (centre "
+                           "shift up to LAMBDA x half the size, size scaled by 1 +- LAMBDA) are extra positional "
+                           "queries trained to reconstruct their box and class (fastdetr.denoising); 0: none "
+                           "(default: the recipe's; official 0, fast %g)" % RECIPES["fast"]["dn_box_noise"])
 
     data = parser.add_argument_group("data and run")
     data.add_argument("--coco_path", type=str,
@@ -127,7 +132,7 @@ def num_classes_for(args) -> int:
 
 def build_model(args):
     """Returns (model, criterion, postprocessors) like the official build; the criterion is moved to args.device.
-    Accelerator settings left None (args.query_groups, args.dense_aux_coef) are first set from args.recipe (fastdetr.recipe)."""
+    Accelerator settings left None (args.query_groups, args.dense_aux_coef, args.dn_box_noise) are first set from args.recipe (fastdetr.recipe)."""
     if args.masks or args.frozen_weights is not None:
         raise ValueError("the segmentation head (--masks / --frozen_weights) is not supported by fastdetr")
     device = torch.device(args.device)
@@ -135,10 +140,12 @@ def build_model(args):
     resolve_recipe(args)
     model = DETR(build_backbone(args), build_transformer(args), num_classes=num_classes,
                  num_queries=args.num_queries, aux_loss=args.aux_loss, query_groups=args.query_groups,
-                 dense_head=args.dense_aux_coef > 0)
+                 dense_head=args.dense_aux_coef > 0, dn_box_noise=args.dn_box_noise)
     weight_dict = {"loss_ce": 1, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
     if args.aux_loss:
         weight_dict.update({f"{k}_{i}": v for i in range(args.dec_layers - 1) for k, v in list(weight_dict.items())})
+    if args.dn_box_noise > 0:  # the denoising slots' losses, weighted as the official ones
+        weight_dict.update({k.replace("loss_", "loss_dn_", 1): v for k, v in list(weight_dict.items())})
     if args.dense_aux_coef > 0:
         weight_dict.update({f"loss_dense_{k[5:]}": args.dense_aux_coef * weight_dict[k]
                             for k in ("loss_ce", "loss_bbox", "loss_giou")})

@@ -21,10 +21,12 @@ ARCHITECTURE = ("backbone", "dilation", "backbone_norm", "position_embedding", "
 
 
 # The training-only parameters of fastdetr.recipe's accelerators, not part of the official model: Group DETR's extra
-# queries (fastdetr.DETR with query_groups > 1) and the dense head (fastdetr.dense_aux).
+# queries (fastdetr.DETR with query_groups > 1), the dense head (fastdetr.dense_aux) and the denoising queries'
+# positional MLP (fastdetr.denoising).
 EXTRA_QUERIES = "extra_query_embed.weight"
 DENSE_HEAD = "dense_head."
-TRAINING_ONLY = (EXTRA_QUERIES, DENSE_HEAD)
+DENOISING = "dn_query_pos."
+TRAINING_ONLY = (EXTRA_QUERIES, DENSE_HEAD, DENOISING)
 
 
 class CheckpointError(RuntimeError):
@@ -93,8 +95,9 @@ def official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, tor
     return {k: v for k, v in state_dict.items() if not k.startswith(TRAINING_ONLY)}
 
 
-def has_dense_head(checkpoint: Mapping) -> bool:
-    return any(k.startswith(DENSE_HEAD) for k in _state_dict(checkpoint))
+def has_module(checkpoint: Mapping, prefix: str) -> bool:
+    """Whether the checkpoint has the training-only module of this key prefix (DENSE_HEAD, DENOISING)."""
+    return any(k.startswith(prefix) for k in _state_dict(checkpoint))
 
 
 def checkpoint_query_groups(checkpoint: Mapping) -> int:
@@ -112,8 +115,8 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, os.PathLike
     rest is still loaded strictly (fine-tuning on one's own classes). Query groups (Group DETR training): a model
     without extra groups ignores a checkpoint's (they are training-only); a model with extra groups takes a
     checkpoint's of the same count, else starts each extra group as a copy of the checkpoint's group 0
-    (`query_embed`). A dense head (fastdetr.dense_aux) is likewise ignored by a model without one, and keeps its
-    initialisation in a model with one when the checkpoint has none. Returns the load result.
+    (`query_embed`). The dense head and the denoising queries' MLP are likewise ignored by a model without them,
+    and keep their initialisation in a model with them when the checkpoint has none. Returns the load result.
     """
     if isinstance(path_or_state_dict, Mapping):
         checkpoint = path_or_state_dict
@@ -137,11 +140,12 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, os.PathLike
         fits = theirs is not None and theirs.shape == extra.weight.shape
         state_dict[EXTRA_QUERIES] = theirs if fits else state_dict["query_embed.weight"].repeat(model.query_groups - 1, 1)
 
-    if getattr(model, "dense_head", None) is None:
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(DENSE_HEAD)}
+    for prefix, module in ((DENSE_HEAD, "dense_head"), (DENOISING, "dn_query_pos")):
+        if getattr(model, module, None) is None:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
 
     result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys if k not in dropped and not k.startswith(DENSE_HEAD)]
+    missing = [k for k in result.missing_keys if k not in dropped and not k.startswith((DENSE_HEAD, DENOISING))]
     if strict and (missing or result.unexpected_keys):
         raise RuntimeError(f"checkpoint does not match the model: missing keys {missing}, "
                            f"unexpected keys {result.unexpected_keys}")

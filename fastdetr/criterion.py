@@ -9,6 +9,7 @@ from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
 from .dense_aux import dense_losses
+from .denoising import denoising_indices
 from .misc import get_world_size, is_dist_avail_and_initialized
 
 LOSSES = ("labels", "cardinality", "boxes")
@@ -96,12 +97,15 @@ class SetCriterion(nn.Module):
         mean over G x B images is the groups' mean: times G, their sum. The diagnostics (class_error,
         cardinality_error) are then averages over the groups.
 
-        With the training-only dense head (outputs["dense_outputs"]) its losses are added: fastdetr.dense_aux.
+        With the training-only dense head (outputs["dense_outputs"]) its losses are added: fastdetr.dense_aux; with
+        denoising queries (outputs["dn_outputs"]), theirs, named loss_dn_*: fastdetr.denoising.
         """
         groups = outputs.get("group_outputs", [])
         num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
         losses = {} if "dense_outputs" not in outputs else dense_losses(outputs["dense_outputs"], targets,
                                                                         self.empty_weight)
+        if "dn_outputs" in outputs:
+            losses.update(self._denoising_losses(outputs["dn_outputs"], targets, num_boxes))
         if groups:
             outputs = _fold_groups([outputs, *groups])
             targets = targets * (len(groups) + 1)
@@ -118,6 +122,20 @@ class SetCriterion(nn.Module):
                 losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
         if groups:
             losses.update({k: v * (len(groups) + 1) for k, v in losses.items() if k.startswith("loss_ce")})
+        return losses
+
+    def _denoising_losses(self, outputs, targets, num_boxes) -> Dict[str, torch.Tensor]:
+        """The classification and box losses of the denoising slots (each layer's), under their fixed assignment:
+        named as the official ones with loss_dn_ for loss_; normalised as they are."""
+        layers = _group_layers(outputs)
+        indices = denoising_indices(targets, outputs["pred_logits"].shape[1])
+        matched = self._matched_layers([indices] * len(layers), targets, outputs["pred_logits"].device)
+        losses = {}
+        for i, (layer, layer_matched) in enumerate(zip(layers, matched)):
+            suffix = "" if i == 0 else f"_{i - 1}"
+            losses.update({f"{k.replace('loss_', 'loss_dn_', 1)}{suffix}": v
+                           for k, v in {**self.loss_labels(layer, targets, layer_matched, num_boxes, log=False),
+                                        **self.loss_boxes(layer, targets, layer_matched, num_boxes)}.items()})
         return losses
 
     def _matched(self, indices, targets, device) -> Matched:
@@ -161,7 +179,7 @@ class SetCriterion(nn.Module):
 
 def _group_layers(outputs) -> List[Dict[str, torch.Tensor]]:
     """One query group's outputs as a list of layers: the last decoder layer's, then the aux layers'."""
-    last = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "group_outputs")}
+    last = {k: outputs[k] for k in ("pred_logits", "pred_boxes")}
     return [last, *outputs.get("aux_outputs", [])]
 
 

@@ -80,6 +80,10 @@ def _no_span(name):
     return contextlib.nullcontext()
 
 
+def _takes_targets(model) -> bool:
+    return getattr(getattr(model, "module", model), "dn_query_pos", None) is not None
+
+
 def train_step(model, criterion, optimizer, samples, targets, amp_dtype=None, max_norm: float = 0, scaler=None,
                span=_no_span):
     """One optimisation step: the forward pass under autocast (`amp_dtype`, None for full precision), matching and
@@ -91,7 +95,8 @@ def train_step(model, criterion, optimizer, samples, targets, amp_dtype=None, ma
     """
     scaling = scaler is not None and scaler.is_enabled()
     with span("forward"), torch.autocast(samples.tensors.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        outputs = model(samples)
+        # the denoising queries (fastdetr.denoising) are made from the targets
+        outputs = model(samples, targets=targets) if _takes_targets(model) else model(samples)
     with span("criterion"):
         stats = _stat_values(criterion(_to_float(outputs), targets), criterion.weight_dict)
     with span("backward"):

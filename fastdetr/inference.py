@@ -63,7 +63,7 @@ def model_args(checkpoint, device, dilation=False, name="the checkpoint"):
     vars(args).update(checkpoint_architecture(checkpoint, name, dilation))
     args.pretrained_backbone = False
     # the recipe's accelerators are training-only: inference is the official model
-    args.query_groups, args.dense_aux_coef = 1, 0.0
+    args.query_groups, args.dense_aux_coef, args.dn_box_noise = 1, 0.0, 0.0
     saved = vars(checkpoint.get("args") or argparse.Namespace())
     # the scale it was trained at (fastdetr.train's flags, not build_model's): official checkpoints have none, 800
     args.min_size, args.max_size = saved.get("min_size", 800), saved.get("max_size", 1333)

@@ -9,14 +9,17 @@ inference path).
 - dense_aux_coef W (Co-DETR's collaborative one-to-many assignment, Zong et al. 2023, arXiv 2211.12860, in its
   simplest form): a dense head on the encoder output, every token inside an object trained to its class and box,
   its losses weighted W times DETR's; discarded after training (fastdetr.dense_aux).
+- dn_box_noise LAMBDA (DN-DETR, Li et al. 2022, arXiv 2203.01305, for DETR's content-free queries): noised
+  target boxes as extra positional queries with a fixed assignment, trained to reconstruct their targets
+  (fastdetr.denoising); a stable learning signal while the matching is still unstable.
 
 A flag given on the command line wins over the recipe; `resolve_recipe` fills in the ones left unset (None).
 """
 import argparse
 
 RECIPES = {
-    "official": {"query_groups": 1, "dense_aux_coef": 0.0},
-    "fast": {"query_groups": 11, "dense_aux_coef": 1.0},
+    "official": {"query_groups": 1, "dense_aux_coef": 0.0, "dn_box_noise": 0.0},
+    "fast": {"query_groups": 11, "dense_aux_coef": 1.0, "dn_box_noise": 0.4},
 }
 
 

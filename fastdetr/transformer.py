@@ -35,23 +35,26 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(self, src: Tensor, mask: Optional[Tensor], query_embed: Tensor, pos_embed: Tensor,
-                query_groups: int = 1):
-        """src [B, C, H, W], mask [B, H, W] (True = padding), query_embed [Nq, C], pos_embed [B, C, H, W].
+                query_groups: int = 1, query_mask: Optional[Tensor] = None):
+        """src [B, C, H, W], mask [B, H, W] (True = padding), query_embed [Nq, C] (or [Nq, B, C]: queries of each
+        image), pos_embed [B, C, H, W].
 
-        query_groups G > 1 (Group DETR training): query_embed holds G groups of Nq / G queries one after the other;
-        the decoder's self-attention runs within each group only, cross-attention and FFN are per query anyway.
+        query_groups G > 1 (training with fastdetr.recipe's accelerators): the queries are G groups of Nq / G one
+        after the other; the decoder's self-attention runs within each group only (cross-attention and FFN are per
+        query anyway), with query_mask [G * B, Nq / G] (True = ignore, group-major) masking keys in it.
         Returns hs [num_dec_outputs, B, Nq, C] and memory [B, C, H, W].
         """
         bs, c, h, w = src.shape
         src = src.flatten(2).permute(2, 0, 1)
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
-        query_embed = query_embed.unsqueeze(1).repeat(1, bs, 1)
+        if query_embed.dim() == 2:
+            query_embed = query_embed.unsqueeze(1).repeat(1, bs, 1)
         if mask is not None:
             mask = mask.flatten(1)
         tgt = torch.zeros_like(query_embed)
         memory = self.encoder(src, src_key_padding_mask=mask, pos=pos_embed)
-        hs = self.decoder(tgt, memory, memory_key_padding_mask=mask, pos=pos_embed, query_pos=query_embed,
-                          query_groups=query_groups)
+        hs = self.decoder(tgt, memory, tgt_key_padding_mask=query_mask, memory_key_padding_mask=mask, pos=pos_embed,
+                          query_pos=query_embed, query_groups=query_groups)
         return hs.transpose(1, 2), memory.permute(1, 2, 0).view(bs, c, h, w)
 
 
@@ -176,14 +179,15 @@ class TransformerDecoderLayer(_SublayersMixin, nn.Module):
 
     def _grouped_self_attention(self, x, query_pos, attn_mask, key_padding_mask, groups: int):
         """Self-attention within each of `groups` query groups: x [G * N, B, C] is folded to [N, G * B, C], so the
-        attention kernels see G times the batch (no dense block mask, no attention across groups)."""
+        attention kernels see G times the batch (no dense block mask, no attention across groups);
+        key_padding_mask is then the folded batch's, [G * B, N]."""
         if groups == 1:
             return self._self_attention(x, query_pos, attn_mask, key_padding_mask)
-        if attn_mask is not None or key_padding_mask is not None:
-            raise ValueError("query groups take no decoder self-attention masks")
+        if attn_mask is not None:
+            raise ValueError("query groups take no decoder self-attention attn_mask")
         if x.shape[0] % groups:
             raise ValueError(f"{x.shape[0]} queries do not split into {groups} groups")
-        out = self._self_attention(_fold_groups(x, groups), _fold_groups(query_pos, groups), None, None)
+        out = self._self_attention(_fold_groups(x, groups), _fold_groups(query_pos, groups), None, key_padding_mask)
         return _unfold_groups(out, groups)
 
     def _cross_attention(self, x, memory, query_pos, pos, memory_mask, memory_key_padding_mask):

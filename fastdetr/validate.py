@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from . import ops
-from .checkpoint import ARCHITECTURE, checkpoint_architecture, checkpoint_query_groups, has_dense_head
+from .checkpoint import (ARCHITECTURE, DENOISING, DENSE_HEAD, checkpoint_architecture, checkpoint_query_groups,
+                         has_module)
 
 # At least one, for the arguments counting things or sizes.
 POSITIVE = ("batch_size", "lr_drop", "print_freq", "query_groups", "num_queries", "hidden_dim", "nheads", "dec_layers",
@@ -20,7 +21,7 @@ POSITIVE = ("batch_size", "lr_drop", "print_freq", "query_groups", "num_queries"
 NON_NEGATIVE = ("epochs", "enc_layers", "num_workers", "start_epoch", "lr", "lr_backbone", "weight_decay",
                 "clip_max_norm")
 # What --resume keeps from the checkpoint besides the architecture: which parameters train (the optimizer's state).
-RESUMED = ARCHITECTURE + ("train_backbone_stem", "query_groups", "dense_aux_coef")
+RESUMED = ARCHITECTURE + ("train_backbone_stem", "query_groups", "dense_aux_coef", "dn_box_noise")
 # Training settings a resumed run may change; each change is applied and reported.
 HYPERPARAMETERS = ("lr", "lr_backbone", "weight_decay", "lr_drop", "epochs")
 # A class head this large for few categories means sparse category ids (labels are ids, as in the official code).
@@ -50,6 +51,8 @@ def check_args(args) -> str:
         raise UsageError("--epochs 0 trains nothing: pass --epochs N (N >= 1), or --eval to only evaluate")
     if (getattr(args, "dense_aux_coef", None) or 0) < 0:
         raise UsageError(f"--dense_aux_coef {args.dense_aux_coef}: must be non-negative (0: no dense head)")
+    if not 0 <= (getattr(args, "dn_box_noise", None) or 0) < 1:
+        raise UsageError(f"--dn_box_noise {args.dn_box_noise}: must be in [0, 1) (0: no denoising queries)")
     if not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout {args.dropout}: must be in [0, 1)")
     if args.num_classes is not None and args.num_classes < 1:
@@ -127,7 +130,8 @@ def take_architecture(args, checkpoint, name: str, resume: bool):
         taken["train_backbone_stem"] = saved["train_backbone_stem"]
     if resume:  # the accelerators' training-only parameters have optimizer state: the run goes on with them
         taken["query_groups"] = checkpoint_query_groups(checkpoint)
-        taken["dense_aux_coef"] = saved.get("dense_aux_coef") or 1.0 if has_dense_head(checkpoint) else 0.0
+        taken["dense_aux_coef"] = saved.get("dense_aux_coef") or 1.0 if has_module(checkpoint, DENSE_HEAD) else 0.0
+        taken["dn_box_noise"] = saved.get("dn_box_noise") or 0.4 if has_module(checkpoint, DENOISING) else 0.0
     if not resume and not args.eval:
         del taken["num_classes"]  # fine-tuning: the classes come from the data, the class head is new
     given = set(getattr(args, "given_flags", ()))

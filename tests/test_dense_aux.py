@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert, generalized_box_iou
 
 import fastdetr
-from fastdetr.checkpoint import has_dense_head, load_checkpoint, official_state_dict
+from fastdetr.checkpoint import DENSE_HEAD, has_module, load_checkpoint, official_state_dict
 from fastdetr.dense_aux import assign, dense_losses
 
 
@@ -117,7 +117,7 @@ def test_the_saved_model_has_no_dense_head():
     model, _, _ = tiny(dense_aux_coef=1.0, query_groups=2)
     official, _, _ = tiny()
     state = official_state_dict(model.state_dict())
-    assert not has_dense_head({"model": state}) and has_dense_head({"model": model.state_dict()})
+    assert not has_module({"model": state}, DENSE_HEAD) and has_module({"model": model.state_dict()}, DENSE_HEAD)
     official.load_state_dict(state, strict=True)
     load_checkpoint(official, {"model": model.state_dict()})  # a training checkpoint into the official model
     head = {k: v.clone() for k, v in model.dense_head.state_dict().items()}
