@@ -78,6 +78,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                            "shift up to LAMBDA x half the size, size scaled by 1 +- LAMBDA) are extra positional "
                            "queries trained to reconstruct their box and class (fastdetr.denoising); 0: none "
                            "(default: the recipe's; official 0, fast %g)" % RECIPES["fast"]["dn_box_noise"])
+    fast.add_argument("--ema_decay", default=None, type=float, metavar="D",
+                      help="evaluate, keep as the best model and ship an exponential moving average of the weights "
+                           "(fastdetr.ema; decay D after a warm-up); 0: the weights themselves (default: the "
+                           "recipe's; official 0, fast %g)" % RECIPES["fast"]["ema_decay"])
 
     data = parser.add_argument_group("data and run")
     data.add_argument("--coco_path", type=str,

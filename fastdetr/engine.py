@@ -117,13 +117,13 @@ def train_step(model, criterion, optimizer, samples, targets, amp_dtype=None, ma
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm: float = 0, amp: str = "none",
                     scaler=None, print_freq: int = 10, clock: RunClock = None, epochs: int = None,
-                    token_stride: int = 32):
+                    token_stride: int = 32, ema=None):
     """One pass over data_loader; returns the epoch averages of the official logged values, the lr, and the padded
     fractions of the batches' pixels and encoder tokens (positions of the stride-`token_stride` feature map).
 
     Progress: a bar in a terminal, else a line after the first iteration and every print_freq iterations; `clock`
     (a RunClock over the whole run) adds the run's time left, `epochs` the run's epoch count. A non-finite loss
-    raises FloatingPointError at the next logging point.
+    raises FloatingPointError at the next logging point. `ema` (fastdetr.ema.ModelEMA) is updated after every step.
     """
     model.train()
     criterion.train()
@@ -149,6 +149,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         except FloatingPointError as error:  # the matcher meets diverged (NaN) predictions first
             raise FloatingPointError(f"{error}: epoch {epoch}, iteration {i + 1}. Stopping; the last checkpoint "
                                      f"is the one of the previous epoch. {_ADVICE}") from None
+        if ema is not None:
+            ema.update(getattr(model, "module", model))
         meter.update(stats)
         if clock is not None:
             clock.step()

@@ -12,14 +12,16 @@ inference path).
 - dn_box_noise LAMBDA (DN-DETR, Li et al. 2022, arXiv 2203.01305, for DETR's content-free queries): noised
   target boxes as extra positional queries with a fixed assignment, trained to reconstruct their targets
   (fastdetr.denoising); a stable learning signal while the matching is still unstable.
+- ema_decay D: the exponential moving average of the weights is evaluated, kept and shipped (fastdetr.ema), as
+  modern DETR trainers do; the same architecture and keys.
 
 A flag given on the command line wins over the recipe; `resolve_recipe` fills in the ones left unset (None).
 """
 import argparse
 
 RECIPES = {
-    "official": {"query_groups": 1, "dense_aux_coef": 0.0, "dn_box_noise": 0.0},
-    "fast": {"query_groups": 11, "dense_aux_coef": 1.0, "dn_box_noise": 0.4},
+    "official": {"query_groups": 1, "dense_aux_coef": 0.0, "dn_box_noise": 0.0, "ema_decay": 0.0},
+    "fast": {"query_groups": 11, "dense_aux_coef": 1.0, "dn_box_noise": 0.4, "ema_decay": 0.998},
 }
 
 

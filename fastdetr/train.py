@@ -42,6 +42,7 @@ from .data.batching import (BatchScaleSampler, GroupedBatchSampler, aspect_ratio
 from .data.coco import split_paths
 from .data.transforms import AUGMENTATIONS
 from .progress import RunClock
+from .ema import ModelEMA
 from .recipe import resolve_recipe
 from .report import format_table, per_class_ap, suggested_threshold
 from .engine import evaluate, train_one_epoch
@@ -470,7 +471,9 @@ def run(args, on_epoch=None):
 
     best_ap = -1.0
     if checkpoint is not None:
-        load_checkpoint(model_without_ddp, checkpoint)
+        # --eval of a training checkpoint with a weight average evaluates the average (what the run shipped)
+        load_checkpoint(model_without_ddp, checkpoint["ema"]["model"] if args.eval and "ema" in checkpoint
+                        else checkpoint)
         if args.resume and not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
             try:
                 resume_training(args, checkpoint, optimizer, lr_scheduler, scaler, device)
@@ -481,6 +484,11 @@ def run(args, on_epoch=None):
                 keep_log_before(output_dir, args.start_epoch)
     if output_dir and is_main_process() and not args.resume and not args.eval:
         (output_dir / "log.txt").unlink(missing_ok=True)  # --overwrite_output_dir: the new run's log only
+    # the weight average (--ema_decay) is what is evaluated, kept as the best model and shipped
+    ema = ModelEMA(model_without_ddp, args.ema_decay) if args.ema_decay > 0 and not args.eval else None
+    if ema is not None and args.resume and checkpoint is not None and "ema" in checkpoint:
+        ema.load_state_dict(checkpoint["ema"])
+    evaluated = model if ema is None else ema.module
 
     evaluate_args = (postprocessors, loader_val, dataset_val.coco, device, args.amp, args.print_freq)
     if args.eval:
@@ -506,11 +514,11 @@ def run(args, on_epoch=None):
         epoch_start = time.perf_counter()
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
                                       args.amp, scaler, args.print_freq, clock, args.epochs,
-                                      token_stride=16 if args.dilation else 32)
+                                      token_stride=16 if args.dilation else 32, ema=ema)
         lr_scheduler.step()
         eval_start = time.perf_counter()
         with rng_preserved(device):
-            test_stats, coco_eval, summary = evaluate(model, criterion, *evaluate_args)
+            test_stats, coco_eval, summary = evaluate(evaluated, criterion, *evaluate_args)
         ap = test_stats["coco_eval_bbox"][0]
         if on_epoch is not None and is_main_process():
             on_epoch({"epoch": epoch, "ap": ap, "ap50": test_stats["coco_eval_bbox"][1],
@@ -531,15 +539,18 @@ def run(args, on_epoch=None):
                           "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
                           "scaler": scaler.state_dict(), "rng": rng, "class_names": class_names,
                           "best_ap": best_ap, "score_threshold": threshold}
+            if ema is not None:
+                checkpoint["ema"] = ema.state_dict()
             paths = [output_dir / "checkpoint.pth"]
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
                 paths.append(output_dir / f"checkpoint{epoch:04}.pth")
             for path in paths:
                 save_checkpoint(checkpoint, path)
             if improved:  # the weights of the best epoch so far, for evaluation, predict and deployment
-                save_checkpoint(deployment_checkpoint(model_without_ddp, args, class_names, threshold, epoch, ap),
+                shipped = model_without_ddp if ema is None else ema.module
+                save_checkpoint(deployment_checkpoint(shipped, args, class_names, threshold, epoch, ap),
                                 output_dir / "checkpoint_best.pth")
-                save_checkpoint(deployment_checkpoint(model_without_ddp, args, class_names, threshold, epoch, ap,
+                save_checkpoint(deployment_checkpoint(shipped, args, class_names, threshold, epoch, ap,
                                                       half=True), output_dir / "model.pth")
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                          **{f"test_{k}": v for k, v in test_stats.items()},

@@ -51,6 +51,8 @@ def check_args(args) -> str:
         raise UsageError("--epochs 0 trains nothing: pass --epochs N (N >= 1), or --eval to only evaluate")
     if (getattr(args, "dense_aux_coef", None) or 0) < 0:
         raise UsageError(f"--dense_aux_coef {args.dense_aux_coef}: must be non-negative (0: no dense head)")
+    if not 0 <= (getattr(args, "ema_decay", None) or 0) < 1:
+        raise UsageError(f"--ema_decay {args.ema_decay}: must be in [0, 1) (0: no weight average)")
     if not 0 <= (getattr(args, "dn_box_noise", None) or 0) < 1:
         raise UsageError(f"--dn_box_noise {args.dn_box_noise}: must be in [0, 1) (0: no denoising queries)")
     if not 0 <= args.dropout < 1:
