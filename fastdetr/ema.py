@@ -14,7 +14,7 @@ from torch import nn
 
 
 class ModelEMA:
-    def __init__(self, model: nn.Module, decay: float, warmup: float = 200.0):
+    def __init__(self, model: nn.Module, decay: float, warmup: float = 100.0):
         if not 0 < decay < 1:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.module = copy.deepcopy(model).eval().requires_grad_(False)

@@ -8,6 +8,7 @@ import torch
 import fastdetr
 from fastdetr.checkpoint import DENOISING, has_module, load_checkpoint, official_state_dict
 from fastdetr.denoising import DenoisingQueries, box_sine_embedding, denoising_indices
+from tiny_detr import images, tiny
 
 TARGETS = [{"labels": torch.tensor([1, 2, 1]),
             "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.6, 0.3, 0.2], [0.2, 0.7, 0.1, 0.1]])},
@@ -43,19 +44,6 @@ def test_queries_mask_padding_slots_of_images_with_targets_only():
     assert mask.tolist() == [[False, False, False, True, True], [False] * 5]  # no targets: no slot masked
     assert ((boxes[0, :3, :2] - TARGETS[0]["boxes"][:, :2]).abs() <= 0.2 * TARGETS[0]["boxes"][:, 2:] + 1e-6).all()
     assert [i.tolist() for i, _ in denoising_indices(TARGETS, 2)] == [[0, 1], []]
-
-
-def tiny(**overrides):
-    torch.manual_seed(0)
-    args = fastdetr.default_args(device="cpu", backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1,
-                                 dec_layers=3, dim_feedforward=48, num_queries=5, num_classes=3, dropout=0.0,
-                                 backbone_norm="frozen", **overrides)
-    return fastdetr.build_model(args)
-
-
-def images():
-    torch.manual_seed(1)
-    return [torch.rand(3, 96, 160), torch.rand(3, 128, 96)]
 
 
 @pytest.fixture(autouse=True)

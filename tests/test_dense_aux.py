@@ -9,6 +9,7 @@ from torchvision.ops import box_convert, generalized_box_iou
 import fastdetr
 from fastdetr.checkpoint import DENSE_HEAD, has_module, load_checkpoint, official_state_dict
 from fastdetr.dense_aux import assign, dense_losses
+from tiny_detr import images as two_images, tiny
 
 
 
@@ -91,18 +92,10 @@ def test_losses_equal_a_per_token_computation():
     assert empty["loss_dense_bbox"] == 0 and empty["loss_dense_giou"] == 0
 
 
-def tiny(**overrides):
-    torch.manual_seed(0)
-    args = fastdetr.default_args(device="cpu", backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1,
-                                 dec_layers=2, dim_feedforward=48, num_queries=5, num_classes=3, dropout=0.0,
-                                 backbone_norm="batch", **overrides)
-    return fastdetr.build_model(args)
-
-
 def test_in_training_only_with_gradients_to_the_backbone():
     model, criterion, _ = tiny(dense_aux_coef=2.0)
     assert criterion.weight_dict["loss_dense_bbox"] == 2.0 * 5 and criterion.weight_dict["loss_dense_ce"] == 2.0
-    images = [torch.rand(3, 96, 128), torch.rand(3, 128, 64)]
+    images = two_images()
     targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
                {"labels": torch.tensor([2, 0]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.5], [0.7, 0.7, 0.3, 0.3]])}]
     outputs = model.train()(images)

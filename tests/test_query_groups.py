@@ -10,24 +10,12 @@ from fastdetr.checkpoint import EXTRA_QUERIES, checkpoint_query_groups, load_che
 from fastdetr.criterion import _fold_groups, _group_layers
 from fastdetr.train import deployment_checkpoint, parse_args
 from fastdetr.validate import UsageError, check_args
+from tiny_detr import images, tiny
 
 DATA = Path(__file__).parent / "data"
 TARGETS = [{"labels": torch.tensor([1, 2, 1]),
             "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.6, 0.3, 0.2], [0.2, 0.7, 0.1, 0.1]])},
            {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.4]])}]
-
-
-def tiny(query_groups=1, **overrides):
-    torch.manual_seed(0)
-    args = fastdetr.default_args(device="cpu", backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1,
-                                 dec_layers=3, dim_feedforward=48, num_queries=5, num_classes=3, dropout=0.0,
-                                 backbone_norm="frozen", query_groups=query_groups, **overrides)
-    return fastdetr.build_model(args)
-
-
-def images():
-    torch.manual_seed(1)
-    return [torch.rand(3, 96, 160), torch.rand(3, 128, 96)]  # two sizes: padded keys in the memory
 
 
 @pytest.fixture(autouse=True)
