@@ -87,6 +87,9 @@ EPILOG = """recipes:
   annotation files and image folders named explicitly (relative to --coco_path):
     fastdetr-train --coco_path data --train_annotations labels/train.json --train_images images/train \\
         --val_annotations labels/val.json --val_images images/val
+  training-only accelerators (the saved model is still an official DETR; README, "Training recipes"):
+    fastdetr-train --recipe fast                       # or each alone: --dense_aux_coef, --ema_decay, ...
+    fastdetr-train --synthetic_set hard                # the harder synthetic set (recipes are not tuned on it)
   continue a run, evaluate it, predict with it:
     fastdetr-train --resume outputs/checkpoint.pth --epochs 100
     fastdetr-train --coco_path data/my_dataset --eval --resume outputs/checkpoint_best.pth
