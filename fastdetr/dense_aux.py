@@ -16,12 +16,11 @@ boxes are normalised by the image's valid extent on the feature map, as the targ
 Box parameterisation: the centre is the token's centre plus an offset (tanh, at most half the image), the size a
 sigmoid, so that a token starts from its own position.
 """
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
 LOSSES = ("loss_dense_ce", "loss_dense_bbox", "loss_dense_giou")
@@ -54,13 +53,23 @@ class DenseHead(nn.Module):
                 "valid": valid.flatten(1)}
 
 
+def padded_targets(targets: List[Dict[str, Tensor]], device) -> Tuple[Tensor, Tensor, Tensor]:
+    """labels [B, T], boxes [B, T, 4] and real [B, T] (False: padding), T the largest target count (at least 1)."""
+    count = max(max((len(t["labels"]) for t in targets), default=0), 1)
+    labels = torch.zeros(len(targets), count, dtype=torch.int64, device=device)
+    boxes = torch.zeros(len(targets), count, 4, device=device)
+    real = torch.zeros(len(targets), count, dtype=torch.bool, device=device)
+    for b, target in enumerate(targets):
+        n = len(target["labels"])
+        labels[b, :n], boxes[b, :n], real[b, :n] = target["labels"], target["boxes"], True
+    return labels, boxes, real
+
+
 @torch.no_grad()
-def assign(centers: Tensor, valid: Tensor, targets: List[Dict[str, Tensor]]):
-    """(assigned target index [B, HW], positive [B, HW] bool) over the targets padded to [B, T]; see the module
-    docstring for the rule."""
-    boxes = pad_sequence([t["boxes"] for t in targets], batch_first=True).to(centers.dtype)  # [B, T, 4]
-    real = pad_sequence([torch.ones(len(t["boxes"]), dtype=torch.bool, device=centers.device) for t in targets],
-                        batch_first=True)  # [B, T]
+def assign(centers: Tensor, valid: Tensor, boxes: Tensor, real: Tensor) -> Tuple[Tensor, Tensor]:
+    """(assigned target index [B, HW], positive [B, HW] bool) for token centres [B, HW, 2] and the padded targets
+    (boxes [B, T, 4], real [B, T]); see the module docstring for the rule."""
+    boxes = boxes.to(centers.dtype)
     offset = (centers[:, :, None, :] - boxes[:, None, :, :2]).abs()  # [B, HW, T, 2]
     inside = (offset < boxes[:, None, :, 2:] / 2).all(-1)
     distance = offset.square().sum(-1).masked_fill(~valid[:, :, None], float("inf"))
@@ -73,23 +82,18 @@ def assign(centers: Tensor, valid: Tensor, targets: List[Dict[str, Tensor]]):
 def dense_losses(outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]], empty_weight: Tensor
                  ) -> Dict[str, Tensor]:
     """loss_dense_ce (weighted mean over the valid tokens), loss_dense_bbox and loss_dense_giou (sums over the
-    positive tokens divided by their count, at least 1)."""
+    positive tokens divided by their count, at least 1). Masks select by multiplication, not indexing: no host
+    synchronisation."""
     logits, boxes, valid = outputs["pred_logits"], outputs["pred_boxes"], outputs["valid"]
-    num_classes = logits.shape[-1] - 1
-    if max((len(t["labels"]) for t in targets), default=0) == 0:
-        classes = torch.full(valid.shape, num_classes, dtype=torch.int64, device=logits.device)
-        zero = boxes.sum() * 0
-        return {"loss_dense_ce": F.cross_entropy(logits[valid], classes[valid], empty_weight),
-                "loss_dense_bbox": zero, "loss_dense_giou": zero}
-    index, positive = assign(outputs["centers"], valid, targets)
-    labels = pad_sequence([t["labels"] for t in targets], batch_first=True)
-    target_boxes = pad_sequence([t["boxes"] for t in targets], batch_first=True).to(boxes.dtype)
-    classes = torch.where(positive, labels.gather(1, index), num_classes)
-    loss_ce = F.cross_entropy(logits[valid], classes[valid], empty_weight)
-    matched = target_boxes.gather(1, index[..., None].expand(-1, -1, 4))[positive]
-    predicted = boxes[positive]
+    labels, target_boxes, real = padded_targets(targets, logits.device)
+    index, positive = assign(outputs["centers"], valid, target_boxes, real)
+    classes = torch.where(positive, labels.gather(1, index), logits.shape[-1] - 1)
+    weights = torch.where(valid, empty_weight[classes], 0)
+    ce = torch.where(valid, F.cross_entropy(logits.transpose(1, 2), classes, reduction="none") * weights, 0)
+    matched = target_boxes.to(boxes.dtype).gather(1, index[..., None].expand(-1, -1, 4))
     count = positive.sum().clamp_min(1)
-    giou = generalized_box_iou_loss(box_convert(predicted, "cxcywh", "xyxy"), box_convert(matched, "cxcywh", "xyxy"),
-                                    reduction="sum")
-    return {"loss_dense_ce": loss_ce, "loss_dense_bbox": F.l1_loss(predicted, matched, reduction="sum") / count,
-            "loss_dense_giou": giou / count}
+    l1 = torch.where(positive, (boxes - matched).abs().sum(-1), 0)
+    giou = torch.where(positive, generalized_box_iou_loss(box_convert(boxes, "cxcywh", "xyxy"),
+                                                          box_convert(matched, "cxcywh", "xyxy")), 0)
+    return {"loss_dense_ce": ce.sum() / weights.sum(), "loss_dense_bbox": l1.sum() / count,
+            "loss_dense_giou": giou.sum() / count}

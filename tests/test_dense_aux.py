@@ -8,7 +8,7 @@ from torchvision.ops import box_convert, generalized_box_iou
 
 import fastdetr
 from fastdetr.checkpoint import DENSE_HEAD, has_module, load_checkpoint, official_state_dict
-from fastdetr.dense_aux import assign, dense_losses
+from fastdetr.dense_aux import assign, dense_losses, padded_targets
 from tiny_detr import images as two_images, tiny
 
 
@@ -35,7 +35,7 @@ def test_assignment_inside_nearest_and_smallest():
     small = [0.4, 0.4, 0.1, 0.1]  # holds the token (0.375, 0.375) only
     tiny = [0.76, 0.76, 0.02, 0.02]  # between token centres: the nearest, (0.875, 0.875), is 0.115 away per axis
     targets = [{"labels": torch.tensor([0, 1, 1]), "boxes": torch.tensor([big, small, tiny])}]
-    index, positive = assign(centers, valid, targets)
+    index, positive = assign(centers, valid, *padded_targets(targets, "cpu")[1:])
     index, positive = index.view(4, 4), positive.view(4, 4)
     expected = torch.zeros(4, 4, dtype=torch.bool)
     expected[1:3, 1:3] = True
@@ -48,7 +48,7 @@ def test_assignment_inside_nearest_and_smallest():
 def test_padded_tokens_are_never_assigned_or_scored():
     centers, valid = grid(4, 4, 2, 4)
     targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 1.0, 1.0]])}]
-    _, positive = assign(centers, valid, targets)
+    _, positive = assign(centers, valid, *padded_targets(targets, "cpu")[1:])
     assert torch.equal(positive, valid)
     logits = torch.randn(1, 16, 3)
     logits[~valid] = float("nan")  # any value there would poison the loss
@@ -67,7 +67,7 @@ def test_losses_equal_a_per_token_computation():
     empty_weight = torch.tensor([1.0, 1.0, 1.0, 0.1])
     losses = dense_losses({"pred_logits": logits, "pred_boxes": boxes, "centers": centers, "valid": valid}, targets,
                           empty_weight)
-    index, positive = assign(centers, valid, targets)
+    index, positive = assign(centers, valid, *padded_targets(targets, "cpu")[1:])
     ce_terms, weights, l1, giou, count = [], [], 0.0, 0.0, 0
     for t in range(12):
         if not valid[0, t]:
