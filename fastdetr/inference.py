@@ -80,7 +80,8 @@ def load_model(path, device, dilation=False):
         raise CheckpointError(f"{path} is not a DETR checkpoint (a {type(checkpoint).__name__})")
     args = model_args(checkpoint, device, dilation, path)
     model = build_model(args)[0]
-    load_checkpoint(model, checkpoint)
+    # a training checkpoint of a run with a weight average (--ema_decay): the average is what that run ships
+    load_checkpoint(model, checkpoint["ema"]["model"] if "ema" in checkpoint else checkpoint)
     model.to(device).eval()
     names = checkpoint.get("class_names")
     if names is None:

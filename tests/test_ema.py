@@ -28,3 +28,20 @@ def test_update_rule_with_warmup_and_copied_counters():
     assert copy.updates == 3 and torch.equal(copy.module[0].weight, ema.module[0].weight)
     with pytest.raises(ValueError, match="decay must be in"):
         ModelEMA(model, decay=1.0)
+
+
+def test_a_training_checkpoint_with_an_average_predicts_with_it(tmp_path):
+    import fastdetr
+    from fastdetr.inference import load_model
+    from tiny_detr import SETTINGS, tiny
+
+    model, _, _ = tiny(dense_aux_coef=1.0, ema_decay=0.9)
+    ema = ModelEMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.add_(1.0)
+    args = fastdetr.default_args(**{**SETTINGS, "dense_aux_coef": 1.0, "ema_decay": 0.9})
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "args": args}, tmp_path / "checkpoint.pth")
+    loaded = load_model(tmp_path / "checkpoint.pth", "cpu")[0]
+    assert loaded.dense_head is None  # inference is the official model
+    torch.testing.assert_close(loaded.class_embed.weight, ema.module.class_embed.weight)
