@@ -4,7 +4,7 @@ Shapes: heads 8, head dim 32, bf16, batches of 2, 4 and 8 COCO-like images at th
 800, longer at most 1333, stride 32: `coco_like_masks`); encoder self-attention over the padded H x W tokens,
 decoder self-attention 100 x 100, decoder cross-attention 100 x tokens. Training launches use dropout 0.1.
 
-Query groups (Group DETR training, `--query_groups K`; the `fast` recipe's K = 11): the decoder's launches at
+Query groups (Group DETR training, `--query_groups K`; the Group DETR paper's K = 11): the decoder's launches at
 K = 1 and K = 11, batch 4, on the training-scale batch the GPU benchmarks time (benchmarks/harness.c5_mask: 800 x
 1066 padded, 25 x 34 = 850 tokens): self-attention with the groups folded into the batch (K x 4 samples of
 100 x 100, no mask), cross-attention K x 100 queries against the 850 keys with the mask (`group_kernel_cases`,
@@ -169,12 +169,7 @@ def kernel_cases() -> List[KernelCase]:
 
 # ------------------------------------------------------------------------------------------ query groups
 
-def _fast_groups() -> int:
-    from fastdetr.recipe import RECIPES
-    return RECIPES["fast"]["query_groups"]
-
-
-GROUPS = (1, _fast_groups())  # official DETR, and fastdetr.recipe's `fast` (Group DETR, --query_groups 11)
+GROUPS = (1, 11)  # official DETR, and Group DETR at its paper's K (--query_groups 11)
 GROUP_BATCH = 4
 TRAINING_KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
 
@@ -281,7 +276,7 @@ def group_notes(groups: Tuple[int, ...] = GROUPS, batch: int = GROUP_BATCH) -> L
         return f"{case.ctas} ({case.ctas / H100.sms:.2f}x)"
 
     times = {k: [us(row[3]) for row in rows] for k, rows in by_groups.items()}
-    lines = [f"Query groups (Group DETR training, `--query_groups K`; the `fast` recipe's K = {last}): one decoder "
+    lines = [f"Query groups (Group DETR training, `--query_groups K`; the paper's K = {last}): one decoder "
              f"layer's Triton launches at K = {first} and K = {last}, batch {batch}, on the training-scale batch "
              f"of the GPU benchmarks ({mask.shape[1]} tokens, {mask.float().mean().item():.1%} padded keys), bf16, "
              "dropout 0.1. Self-attention runs the groups folded into the batch (K x B samples of 100 x 100, no "

@@ -107,17 +107,16 @@ def test_report_states_goals_parity_failures_and_failed_stages(tmp_path, monkeyp
 # the gpu and cpu marks are registered in benchmarks/pytest.ini, not in the tests' configuration
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnknownMarkWarning")
 def test_query_group_cases_and_flag(monkeypatch):
-    """bench_layers' query-group cases: K = 1 and the fast recipe's K, batch 4, bf16, fwd+bwd, the triton and
+    """bench_layers' query-group cases: K = 1 and the Group DETR paper's K = 11, batch 4, bf16, fwd+bwd, the triton and
     reference paths on CUDA (the reference on the CPU); `python -m fastdetr.benchmark --query-groups K` reaches the
     model's arguments."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import bench_layers
     from fastdetr.benchmark import step
-    from fastdetr.recipe import RECIPES
 
     specs = [p.values[0] for p in bench_layers.group_cases()]
     cuda = {(s.shape, s.impl) for s in specs if s.device == "cuda"}
-    k = RECIPES["fast"]["query_groups"]
+    k = 11
     assert cuda == {(f"decoder_K{g}", impl) for g in (1, k) for impl in ("triton", "reference")}
     assert all(s.batch == 4 and s.dtype == "bf16" and s.backward for s in specs if s.device == "cuda")
     assert {s.shape for s in specs if s.device == "cpu"} == {"decoder_K1", f"decoder_K{k}"}
