@@ -136,7 +136,8 @@ def num_classes_for(args) -> int:
 
 def build_model(args):
     """Returns (model, criterion, postprocessors) like the official build; the criterion is moved to args.device.
-    Accelerator settings left None (args.query_groups, args.dense_aux_coef, args.dn_box_noise) are first set from args.recipe (fastdetr.recipe)."""
+    Accelerator settings left None (query_groups, dense_aux_coef, dn_box_noise, ema_decay) are first set from
+    args.recipe (fastdetr.recipe)."""
     if args.masks or args.frozen_weights is not None:
         raise ValueError("the segmentation head (--masks / --frozen_weights) is not supported by fastdetr")
     device = torch.device(args.device)

@@ -138,7 +138,8 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, os.PathLike
     theirs = state_dict.pop(EXTRA_QUERIES, None)
     if extra is not None and "query_embed.weight" in state_dict:
         fits = theirs is not None and theirs.shape == extra.weight.shape
-        state_dict[EXTRA_QUERIES] = theirs if fits else state_dict["query_embed.weight"].repeat(model.query_groups - 1, 1)
+        group0 = state_dict["query_embed.weight"]
+        state_dict[EXTRA_QUERIES] = theirs if fits else group0.repeat(model.query_groups - 1, 1)
 
     for prefix, module in ((DENSE_HEAD, "dense_head"), (DENOISING, "dn_query_pos")):
         if getattr(model, module, None) is None:

@@ -18,7 +18,10 @@ import math
 from typing import Dict, List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .dense_aux import padded_targets
 
 
 def box_sine_embedding(boxes: Tensor, dim: int, temperature: float = 10000) -> Tensor:
@@ -45,15 +48,13 @@ class DenoisingQueries(nn.Module):
     def forward(self, targets: List[Dict[str, Tensor]], num_queries: int) -> Tuple[Tensor, Tensor, Tensor]:
         """Returns (query_pos [num_queries, B, C], key padding mask [B, num_queries] (True: a padding slot of an
         image that has targets), noised boxes [B, num_queries, 4])."""
-        device = self.mlp[0].weight.device
-        boxes = torch.rand(len(targets), num_queries, 4, device=device) * 0.5 + 0.25  # padding: random boxes
-        mask = torch.zeros(len(targets), num_queries, dtype=torch.bool, device=device)
-        for b, target in enumerate(targets):
-            n = min(len(target["boxes"]), num_queries)
-            if n:
-                boxes[b, :n] = target["boxes"][:n].to(boxes.dtype)
-                mask[b, n:] = True
-        boxes = self.noised(boxes)
+        _, boxes, real = padded_targets(targets, self.mlp[0].weight.device)
+        extra = max(num_queries - boxes.shape[1], 0)  # num_queries slots: padded, or the first num_queries targets
+        boxes = F.pad(boxes, (0, 0, 0, extra))[:, :num_queries]
+        real = F.pad(real, (0, extra))[:, :num_queries]
+        padding = torch.rand_like(boxes) * 0.5 + 0.25  # random boxes, trained to "no object"
+        boxes = self.noised(torch.where(real[..., None], boxes, padding))
+        mask = ~real & real.any(1, keepdim=True)
         return self.mlp(box_sine_embedding(boxes, self.hidden_dim)).transpose(0, 1), mask, boxes
 
     def noised(self, boxes: Tensor) -> Tensor:

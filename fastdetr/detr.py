@@ -11,7 +11,8 @@ from .misc import NestedTensor, nested_tensor_from_tensor_list
 
 
 class DETR(nn.Module):
-    """DETR(backbone, transformer, num_classes, num_queries, aux_loss=False, query_groups=1).
+    """DETR(backbone, transformer, num_classes, num_queries, aux_loss=False, query_groups=1, dense_head=False,
+    dn_box_noise=0.0): the official model; the last three add training-only parts (fastdetr.recipe).
 
     `num_classes` is the largest class id + 1; the classifier has one more output for "no object".
 

@@ -132,8 +132,9 @@ def take_architecture(args, checkpoint, name: str, resume: bool):
         taken["train_backbone_stem"] = saved["train_backbone_stem"]
     if resume:  # the accelerators' training-only parameters have optimizer state: the run goes on with them
         taken["query_groups"] = checkpoint_query_groups(checkpoint)
-        taken["dense_aux_coef"] = saved.get("dense_aux_coef") or 1.0 if has_module(checkpoint, DENSE_HEAD) else 0.0
-        taken["dn_box_noise"] = saved.get("dn_box_noise") or 0.4 if has_module(checkpoint, DENOISING) else 0.0
+        # a module in the weights is on; its setting comes from the saved arguments (else the method's usual value)
+        for key, prefix, usual in (("dense_aux_coef", DENSE_HEAD, 1.0), ("dn_box_noise", DENOISING, 0.4)):
+            taken[key] = (saved.get(key) or usual) if has_module(checkpoint, prefix) else 0.0
     if not resume and not args.eval:
         del taken["num_classes"]  # fine-tuning: the classes come from the data, the class head is new
     given = set(getattr(args, "given_flags", ()))

@@ -430,7 +430,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\ninterrupted: the finished runs follow", flush=True)
         runs = [f.result() for f in futures if f.done() and not f.cancelled() and f.exception() is None]
     result = {"dataset": dataset, "seeds": args.seeds, "schedule": {"epochs": args.epochs, "lr_drop": args.lr_drop},
-              "train_flags": passed, "jobs": args.jobs, "threads_per_run": threads, "out": str(args.out), "std": "sample standard deviation over seeds",
+              "train_flags": passed, "jobs": args.jobs, "threads_per_run": threads, "out": str(args.out),
+              "std": "sample standard deviation over seeds",
               "runs": runs}
     result["summary"] = summarize(runs)
     print()
